@@ -1,0 +1,155 @@
+"""`geco` command line: data synth, train cigm, train geco, evaluate, pipeline.
+
+Every command takes `--config FILE` and `--run-dir DIR` plus `section.key=value` overrides.
+Problems the user can fix (GecoError) print one clear line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from geco.config import Config, load_config, save_config
+from geco.errors import GecoError
+
+log = logging.getLogger("geco")
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
+    )
+
+
+def _common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
+    p.add_argument("--config", help="YAML config (see configs/)")
+    if run_dir:
+        p.add_argument("--run-dir", default="runs/default",
+                       help="checkpoints, resolved config and metrics go here")
+    p.add_argument("overrides", nargs="*", metavar="section.key=value",
+                   help="config overrides, e.g. geco.tau=0.5 cigm.epochs=2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geco", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="dataset tools").add_subparsers(dest="data_cmd",
+                                                                       required=True)
+    synth = data.add_parser("synth", help="write the synthetic outfit dataset")
+    synth.add_argument("--out", required=True, help="output folder (files/, img/)")
+    _common(synth, run_dir=False)
+
+    train = sub.add_parser("train", help="train a stage").add_subparsers(dest="stage",
+                                                                         required=True)
+    for stage in ("cigm", "geco"):
+        t = train.add_parser(stage, help=f"train {stage.upper()}")
+        t.add_argument("--no-resume", action="store_true",
+                       help="start over even if the run dir holds a checkpoint")
+        if stage == "geco":
+            t.add_argument("--cigm", help="CIGM checkpoint (default <run-dir>/cigm/last.pt)")
+        _common(t)
+
+    ev = sub.add_parser("evaluate", help="metrics of a trained GECo on a split")
+    ev.add_argument("--split", default="test", choices=("valid", "test"))
+    ev.add_argument("--out", help="metrics JSON (default <run-dir>/metrics_<split>.json)")
+    ev.add_argument("--checkpoint", help="GECo checkpoint (default <run-dir>/geco/best.pt)")
+    _common(ev)
+
+    pipe = sub.add_parser("pipeline", help="synth (if configured) -> CIGM -> GECo -> evaluate")
+    pipe.add_argument("--no-resume", action="store_true")
+    _common(pipe)
+    return parser
+
+
+def cmd_synth(args, cfg: Config) -> None:
+    from geco.data.synth import SynthSpec, generate
+
+    summary = generate(Path(args.out), SynthSpec(**vars(cfg.data.synth)))
+    print(json.dumps(summary, indent=2, default=str))
+
+
+def cmd_train(stage: str, cfg: Config, run_dir: Path, resume: bool, cigm: str | None = None):
+    if cigm:
+        cfg.geco.cigm_checkpoint = cigm
+    if int(os.environ.get("RANK", "0")) == 0:
+        save_config(cfg, run_dir / stage / "config.yaml")
+    if stage == "cigm":
+        from geco.train.cigm import train_cigm
+
+        return train_cigm(cfg, run_dir, resume=resume)
+    from geco.train.geco import train_geco
+
+    return train_geco(cfg, run_dir, resume=resume)
+
+
+def cmd_evaluate(cfg: Config, run_dir: Path, split: str, out: str | None,
+                 checkpoint: str | None) -> dict:
+    from geco.data.source import open_dataset
+    from geco.evaluate import evaluate_split, format_tables
+    from geco.train.geco import load_retriever
+    from geco.train.runtime import init_runtime
+
+    rt = init_runtime(cfg.runtime)
+    ckpt_path = Path(checkpoint) if checkpoint else run_dir / "geco" / "best.pt"
+    retriever, ckpt = load_retriever(ckpt_path, rt.device)
+    trained = ckpt["config"]
+    # The data and image size the model was trained with, unless the user points elsewhere.
+    cfg.data.image_size = trained["data"]["image_size"]
+    splits, images = open_dataset(cfg.data, (split,))
+    metrics = evaluate_split(retriever, splits[split], images, rt=rt,
+                             image_size=cfg.data.image_size, batch_size=cfg.eval.batch_size,
+                             seed=cfg.eval.seed, ties=cfg.eval.ties,
+                             num_workers=cfg.data.num_workers)
+    result = {"split": split, "dataset": cfg.data.root, "checkpoint": str(ckpt_path),
+              "epoch": ckpt["epoch"] + 1, **metrics}
+    out_path = Path(out) if out else run_dir / f"metrics_{split}.json"
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(json.dumps(result, indent=2) + "\n")
+    print(format_tables(metrics))
+    print(f"metrics written to {out_path}")
+    return result
+
+
+def cmd_pipeline(cfg: Config, run_dir: Path, resume: bool) -> dict:
+    from geco.data.source import ensure_synthetic
+
+    t0 = time.perf_counter()
+    ensure_synthetic(cfg.data)
+    cmd_train("cigm", cfg, run_dir, resume)
+    cmd_train("geco", cfg, run_dir, resume)
+    result = cmd_evaluate(cfg, run_dir, "test", None, None)
+    log.info("pipeline finished in %.1f min", (time.perf_counter() - t0) / 60)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.command == "data":
+            cmd_synth(args, cfg)
+            return 0
+        run_dir = Path(args.run_dir)
+        if args.command == "train":
+            cmd_train(args.stage, cfg, run_dir, not args.no_resume, getattr(args, "cigm", None))
+        elif args.command == "evaluate":
+            cmd_evaluate(cfg, run_dir, args.split, args.out, args.checkpoint)
+        elif args.command == "pipeline":
+            cmd_pipeline(cfg, run_dir, not args.no_resume)
+        return 0
+    except GecoError as exc:
+        print(f"geco: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

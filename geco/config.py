@@ -1,0 +1,274 @@
+"""Typed run configuration: dataclasses loaded from YAML, overridden from the command line.
+
+A config file mirrors `Config` (sections data, cigm, geco, eval, runtime). Overrides are
+`section.key=value` strings whose values are parsed as YAML (`geco.tau=0.5`,
+`cigm.betas=[0.5,0.999]`). Unknown keys and wrong types are rejected with the key named, so a
+typo never silently falls back to a default. The resolved config is saved with every run and
+checkpoint (`to_dict`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from geco.errors import ConfigError
+
+
+@dataclass
+class SynthConfig:
+    """The embedded synthetic outfit dataset (see geco.data.synth)."""
+
+    n_train_tops: int = 1500
+    pairs_per_top: int = 2
+    n_valid: int = 200
+    n_test: int = 300
+    n_negatives: int = 9
+    image_size: int = 128
+    seed: int = 0
+    jpeg_quality: int = 90
+
+
+@dataclass
+class DataConfig:
+    # Dataset folder: files/*.csv + img/<id>.jpg (paper layouts, "standard", or pairs.csv).
+    root: str = "data/synthetic"
+    kind: str = "auto"  # auto | fashionvc | expreduced | fashiontaobaotb | standard | pairs
+    image_size: int = 128  # GECo and CIGM input size (REFERENCE §1.4)
+    n_negatives: int = 9
+    on_missing_image: str = "error"  # error | skip: rows whose image files are absent (preflight)
+    on_bad_image: str = "error"  # error | skip: images that fail to decode during training
+    num_workers: int = 2
+    # Generate the synthetic dataset into `root` when it is missing (embedded default).
+    synthetic: bool = False
+    synth: SynthConfig = field(default_factory=SynthConfig)
+
+
+@dataclass
+class CIGMConfig:
+    features: int = 64
+    noise_dim: int = 1024
+    lambda_l1: float = 100.0
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    epochs: int = 200
+    batch_size: int = 64
+    init_discriminator: bool = True  # False reproduces the reference (only G is initialised)
+    max_steps_per_epoch: int = 0  # 0 = full epoch; >0 caps steps (smoke runs)
+    n_samples: int = 8  # validation tops in the per-epoch template grid
+
+
+@dataclass
+class BackboneConfig:
+    # "imagenet" (torchvision cache), a local .pth path, an s3:// URI, or "random".
+    weights: str = "imagenet"
+    allow_random_init: bool = False
+
+
+@dataclass
+class GECoConfig:
+    emb_dim: int = 128
+    # Loss weights; defaults are the reference README's (REFERENCE §6).
+    alpha: float = 0.25
+    beta: float = 0.75
+    gamma: float = 0.01
+    tau: float = 0.1
+    reg: str = "reference"  # reference (REFERENCE §3.2) | paper (Eq. 13, plain L2 norm)
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.99])
+    lr_step: int = 8
+    lr_gamma: float = 0.1
+    epochs: int = 50
+    batch_size: int = 64
+    # Validation metric that picks the best epoch: any key of the evaluation JSON.
+    selection_metric: str = "auc_1vs3"
+    # True reproduces the reference's normalisation mismatch around the generator (§7 item 1).
+    faithful: bool = False
+    # InfoNCE over all ranks' positives (global batch) instead of the local batch (paper).
+    global_negatives: bool = False
+    # CIGM generator checkpoint; empty = <run-dir>/cigm/last.pt.
+    cigm_checkpoint: str = ""
+    max_steps_per_epoch: int = 0
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = 128
+    seed: int = 1234  # template noise at evaluation is seeded: metrics are reproducible
+    ties: str = "expected"  # expected | optimistic | pessimistic
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 42  # offset by rank in DDP
+    amp: str = "auto"  # auto (bf16 on CUDA) | bf16 | off
+    channels_last: str = "auto"  # auto (on CUDA) | on | off
+    deterministic: bool = False
+    log_every: int = 20  # steps between progress lines
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    cigm: CIGMConfig = field(default_factory=CIGMConfig)
+    geco: GECoConfig = field(default_factory=GECoConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> Config:
+        """Reject impossible settings before any work starts."""
+        from geco.losses import validate_gan_loss, validate_geco_loss
+
+        g = self.geco
+        validate_geco_loss(g.alpha, g.beta, g.gamma, g.tau)
+        validate_gan_loss(self.cigm.lambda_l1)
+        _choice("data.kind", self.data.kind,
+                ("auto", "fashionvc", "expreduced", "fashiontaobaotb", "standard", "pairs"))
+        _choice("data.on_missing_image", self.data.on_missing_image, ("error", "skip"))
+        _choice("data.on_bad_image", self.data.on_bad_image, ("error", "skip"))
+        _choice("geco.reg", g.reg, ("reference", "paper"))
+        _choice("eval.ties", self.eval.ties, ("expected", "optimistic", "pessimistic"))
+        _choice("runtime.amp", self.runtime.amp, ("auto", "bf16", "off"))
+        _choice("runtime.channels_last", self.runtime.channels_last, ("auto", "on", "off"))
+        size = self.data.image_size
+        if size < 16 or size & (size - 1):
+            raise ConfigError(f"data.image_size={size}: must be a power of two >= 16 (U-Net depth)")
+        for key, value in (("cigm.epochs", self.cigm.epochs), ("geco.epochs", g.epochs),
+                           ("cigm.batch_size", self.cigm.batch_size),
+                           ("geco.batch_size", g.batch_size), ("geco.emb_dim", g.emb_dim),
+                           ("eval.batch_size", self.eval.batch_size),
+                           ("cigm.features", self.cigm.features), ("geco.lr_step", g.lr_step)):
+            if value < 1:
+                raise ConfigError(f"{key}={value}: must be >= 1")
+        for key, value in (("cigm.lr", self.cigm.lr), ("geco.lr", g.lr)):
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{key}={value}: learning rate must be a positive number")
+        for key, betas in (("cigm.betas", self.cigm.betas), ("geco.betas", g.betas)):
+            if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+                raise ConfigError(f"{key}={betas}: Adam betas must be two numbers in [0, 1)")
+        if self.data.n_negatives < 3:
+            raise ConfigError(f"data.n_negatives={self.data.n_negatives}: AUC-1vs3 needs >= 3")
+        return self
+
+
+def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r}: expected one of {', '.join(allowed)}")
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check/convert one YAML value against a dataclass field type."""
+    origin = typing.get_origin(annotation)
+    if dataclasses.is_dataclass(annotation):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return _build(annotation, value, key + ".")
+    if origin in (list, tuple):
+        (item_type,) = typing.get_args(annotation)[:1] or (Any,)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true/false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if value is None:
+            return ""
+        if not isinstance(value, str | int | float):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(
+            f"unknown config key {prefix}{unknown[0]!s} (known in this section: "
+            f"{', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(prefix + k, v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        key, raw = item.split("=", 1)
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"override {key}: cannot parse value {raw!r}: {exc}") from None
+        _set_path(tree, key.strip(), value)
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- overrides, validated."""
+    tree: dict[str, Any] = {}
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {p} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {p}: top level must be a mapping")
+        tree = loaded
+    tree = _merge(tree, parse_overrides(overrides or []))
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    return _build(Config, tree).validate()
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

@@ -1,0 +1,146 @@
+"""Evaluation of a retriever on a split: the paper's Table 2 and Table 3 metrics and more.
+
+Efficient and deterministic (REFERENCE §4, §7 items 13-14):
+- every bottom image referenced by the split is embedded once (eval-mode BatchNorm makes an
+  embedding a function of the image alone), then gathered for positives, negatives and the
+  full-ranking pool (the unique positive bottoms of the split);
+- each row's template uses noise drawn up front from a generator seeded with `eval.seed`, so
+  the numbers do not depend on batch size, worker count or what ran before;
+- AUC is pooled and strict, ranks are one matrix product (geco.metrics).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from geco.data.datasets import ItemDataset
+from geco.data.images import ImageFolder
+from geco.data.splits import Split
+from geco.data.transforms import gan_to_imagenet, imagenet_to_gan, imagenet_transform
+from geco.metrics import full_ranking_metrics, random_expectations, sampled_metrics
+from geco.models.cigm import Generator
+from geco.models.geco import GECo
+from geco.train.runtime import Runtime
+
+log = logging.getLogger("geco")
+
+
+@dataclass
+class Retriever:
+    """A frozen generator plus a GECo model: the inference half of the system."""
+
+    generator: Generator
+    model: GECo
+    faithful: bool = False
+
+    @torch.no_grad()
+    def templates(self, tops: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Tops in ImageNet space -> templates in ImageNet space (or raw, if faithful)."""
+        fake = self.generator(imagenet_to_gan(tops, faithful=self.faithful), noise)
+        return gan_to_imagenet(fake.float(), faithful=self.faithful)
+
+    @torch.no_grad()
+    def queries(self, tops: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return self.model.query(tops, self.templates(tops, noise))
+
+    @torch.no_grad()
+    def bottoms(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model.embed_bottoms(images)
+
+
+def _loader(ds, batch_size: int, num_workers: int, rt: Runtime) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=rt.device.type == "cuda")
+
+
+@torch.no_grad()
+def embed_items(fn, ids: list[str], images: ImageFolder, size: int, *, rt: Runtime,
+                batch_size: int, num_workers: int, extra=None) -> torch.Tensor:
+    """Apply `fn(batch[, extra_slice])` over the images of `ids`, in order; returns [N, d] fp32."""
+    ds = ItemDataset(ids, images, imagenet_transform(size))
+    out, start = [], 0
+    for batch in _loader(ds, batch_size, num_workers, rt):
+        x = rt.to_device(batch["image"])
+        with rt.autocast():
+            if extra is None:
+                emb = fn(x)
+            else:
+                emb = fn(x, extra[start:start + len(x)].to(rt.device))
+        out.append(emb.float().cpu())
+        start += len(x)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def evaluate_split(
+    retriever: Retriever, split: Split, images: ImageFolder, *, rt: Runtime, image_size: int,
+    batch_size: int = 128, seed: int = 1234, ties: str = "expected", num_workers: int = 0,
+) -> dict[str, Any]:
+    """All metrics for one valid/test split; rows need >= 3 negatives (>= 9 for MRR-1vs9)."""
+    if split.negatives is None:
+        raise ValueError(f"{split.source}: evaluation needs neg_* columns")
+    t0 = time.perf_counter()
+    retriever.generator.eval()
+    retriever.model.eval()
+    n_rows = len(split)
+    noise = torch.randn(n_rows, retriever.generator.noise_dim,
+                        generator=torch.Generator().manual_seed(seed))
+    queries = embed_items(retriever.queries, list(split.tops), images, image_size, rt=rt,
+                          batch_size=batch_size, num_workers=num_workers, extra=noise)
+
+    # Every bottom the split mentions, embedded once.
+    order: dict[str, int] = {}
+    for b in split.bottoms:
+        order.setdefault(b, len(order))
+    for negs in split.negatives:
+        for b in negs:
+            order.setdefault(b, len(order))
+    bottoms = embed_items(retriever.bottoms, list(order), images, image_size, rt=rt,
+                          batch_size=batch_size, num_workers=num_workers)
+
+    pos_idx = torch.tensor([order[b] for b in split.bottoms])
+    neg_idx = torch.tensor([[order[b] for b in negs] for negs in split.negatives])
+    pos = (queries * bottoms[pos_idx]).sum(-1)
+    neg = torch.einsum("rd,rkd->rk", queries, bottoms[neg_idx])
+    metrics: dict[str, Any] = sampled_metrics(pos, neg, ties=ties)
+
+    # Full ranking (Table 2): pool = unique positive bottoms, first-appearance order.
+    pool_ids = split.unique_bottoms()
+    pool_pos = {b: i for i, b in enumerate(pool_ids)}
+    pool = bottoms[torch.tensor([order[b] for b in pool_ids])]
+    pool_index = torch.tensor([pool_pos[b] for b in split.bottoms])
+    metrics.update(full_ranking_metrics(queries, pool, pool_index, ties=ties))
+    rnd = random_expectations(len(pool_ids))
+    metrics["random_mrr_full"] = rnd["mrr"]
+    metrics["mrr_full_vs_random"] = metrics["mrr_full"] / rnd["mrr"]
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    return metrics
+
+
+TABLE_KEYS = {
+    "Table 2 (AUC 1-vs-1, MRR full ranking)": ("auc_1vs1", "mrr_full"),
+    "Table 3 (AUC 1-vs-3, MRR 1-vs-9)": ("auc_1vs3", "mrr_1vs9"),
+}
+
+
+def format_tables(metrics: dict[str, Any], model: str = "GECo") -> str:
+    """Markdown rows in the layout of the paper's Tables 2 and 3."""
+    lines = []
+    for title, (auc_key, mrr_key) in TABLE_KEYS.items():
+        lines += [title, "", "| Model | AUC | MRR |", "|---|---|---|",
+                  f"| {model} | {metrics.get(auc_key, float('nan')):.4f} | "
+                  f"{metrics.get(mrr_key, float('nan')):.4f} |", ""]
+    lines.append(
+        f"recall@1 {metrics.get('recall_at_1', float('nan')):.4f}  "
+        f"recall@10 {metrics.get('recall_at_10', float('nan')):.4f}  "
+        f"ndcg@10 {metrics.get('ndcg_at_10', float('nan')):.4f}  "
+        f"({metrics.get('n_queries')} queries x {metrics.get('n_candidates')} candidates; "
+        f"random MRR-full {metrics.get('random_mrr_full', float('nan')):.4f})"
+    )
+    return "\n".join(lines)

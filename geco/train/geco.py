@@ -1,0 +1,168 @@
+"""Stage 2: GECo, the ResNet-18 retriever trained with the frozen CIGM (REFERENCE §3).
+
+Per step: templates from the eval-mode generator (no gradient), q = query(top ⊕ template),
+p = bottom embedding, loss α·BPR (rolled in-batch negative) + β·InfoNCE(τ) + γ·reg. After each
+epoch: StepLR, validation on the valid split, best epoch by `geco.selection_metric`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from geco.config import Config
+from geco.data.datasets import PairDataset
+from geco.data.source import ensure_synthetic, open_dataset
+from geco.data.transforms import imagenet_transform
+from geco.evaluate import Retriever, evaluate_split
+from geco.losses import geco_loss
+from geco.models.backbone import resnet18_features
+from geco.models.geco import GECo
+from geco.train.cigm import load_generator
+from geco.train.loop import fit
+from geco.train.runtime import Runtime, init_runtime, load_checkpoint, unwrap
+from geco.train.samples import save_template_grid
+
+log = logging.getLogger("geco")
+
+
+def cigm_path(cfg: Config, run_dir: Path) -> Path:
+    return Path(cfg.geco.cigm_checkpoint) if cfg.geco.cigm_checkpoint else run_dir / "cigm" / "last.pt"
+
+
+def build_model(cfg: Config) -> GECo:
+    b = cfg.geco.backbone
+    backbone = resnet18_features(b.weights, allow_random_init=b.allow_random_init)
+    return GECo(backbone, emb_dim=cfg.geco.emb_dim)
+
+
+class GECoStage:
+    name = "geco"
+
+    def __init__(self, cfg: Config, rt: Runtime, generator_path: Path):
+        self.cfg, self.rt = cfg, rt
+        g = cfg.geco
+        self.epochs, self.batch_size = g.epochs, g.batch_size
+        self.max_steps_per_epoch = g.max_steps_per_epoch
+        splits, self.images = open_dataset(cfg.data, ("train", "valid"))
+        self.valid = splits["valid"]
+        size = cfg.data.image_size
+        tf = imagenet_transform(size)
+        self.train_set = PairDataset(splits["train"], self.images, tf,
+                                     on_bad_image=cfg.data.on_bad_image)
+        self.sample_set = PairDataset(self.valid.subset(range(min(8, len(self.valid)))),
+                                      self.images, tf)
+
+        self.generator, gen_cfg = load_generator(generator_path, rt.device)
+        if gen_cfg["data"]["image_size"] != size:
+            from geco.errors import ConfigError
+
+            raise ConfigError(
+                f"CIGM {generator_path} was trained at {gen_cfg['data']['image_size']} px but "
+                f"data.image_size={size}"
+            )
+        model = build_model(cfg).to(rt.device)
+        if rt.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+            self.generator = self.generator.to(memory_format=torch.channels_last)
+        self.model = model
+        if rt.distributed:
+            ids = [rt.device.index] if rt.device.type == "cuda" else None
+            self.model = DDP(model, device_ids=ids)
+        self.retriever = Retriever(self.generator, model, faithful=g.faithful)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=g.lr, betas=tuple(g.betas))
+        self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=g.lr_step,
+                                                     gamma=g.lr_gamma)
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        rt, g = self.rt, self.cfg.geco
+        tops, bottoms = rt.to_device(batch["top"]), rt.to_device(batch["bottom"])
+        self.model.train()
+        with rt.autocast():
+            noise = torch.randn(len(tops), self.generator.noise_dim, device=rt.device)
+            templates = self.retriever.templates(tops, noise)
+            q, p = self.model(tops, templates, bottoms)
+        q, p = q.float(), p.float()
+        p_all, offset = None, 0
+        if g.global_negatives and rt.distributed:
+            # Differentiable gather: every rank's positives become negatives for every query.
+            from torch.distributed.nn.functional import all_gather
+
+            p_all, offset = torch.cat(all_gather(p)), rt.rank * len(p)
+        loss, parts = geco_loss(q, p, unwrap(self.model).parameters(), alpha=g.alpha,
+                                beta=g.beta, gamma=g.gamma, tau=g.tau, reg=g.reg,
+                                p_all=p_all, offset=offset)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return parts
+
+    def end_epoch(self, epoch: int, out_dir: Path) -> dict[str, float]:
+        self.sched.step()
+        metrics: dict[str, float] = {}
+        if self.rt.is_main:
+            m = evaluate_split(
+                self.retriever, self.valid, self.images, rt=self.rt,
+                image_size=self.cfg.data.image_size, batch_size=self.cfg.eval.batch_size,
+                seed=self.cfg.eval.seed, ties=self.cfg.eval.ties,
+            )
+            metrics = {f"valid_{k}": float(v) for k, v in m.items()
+                       if isinstance(v, float) and k != "eval_seconds"}
+            metrics["lr"] = self.sched.get_last_lr()[0]
+            save_template_grid(self.generator, self.sample_set,
+                               out_dir / "samples" / f"epoch_{epoch + 1:03d}.png", rt=self.rt,
+                               seed=self.cfg.eval.seed, space="imagenet",
+                               faithful=self.cfg.geco.faithful)
+        return self.rt.broadcast_object(metrics)
+
+    def selection(self) -> tuple[str, str]:
+        return f"valid_{self.cfg.geco.selection_metric}", "max"
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"model": unwrap(self.model).state_dict(), "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.model).load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+
+
+def train_geco(cfg: Config, run_dir: Path, *, resume: bool = True, on_epoch_end=None) -> dict:
+    rt = init_runtime(cfg.runtime)
+    if rt.is_main:
+        ensure_synthetic(cfg.data)
+    rt.barrier()
+    gen_path = cigm_path(cfg, run_dir)
+    if not gen_path.is_file():
+        from geco.errors import GecoError
+
+        raise GecoError(
+            f"no CIGM generator at {gen_path}: run `geco train cigm` with the same --run-dir "
+            "first, or set geco.cigm_checkpoint=PATH"
+        )
+    # The resolved generator path travels with every GECo checkpoint (lineage, evaluation).
+    cfg.geco.cigm_checkpoint = str(gen_path.resolve())
+    stage = GECoStage(cfg, rt, gen_path)
+    return fit(stage, rt, run_dir, cfg.to_dict(), seed=cfg.runtime.seed,
+               num_workers=cfg.data.num_workers, resume=resume,
+               log_every=cfg.runtime.log_every, on_epoch_end=on_epoch_end)
+
+
+def load_retriever(checkpoint: str | Path, device: torch.device) -> tuple[Retriever, dict]:
+    """Rebuild the retriever from a GECo checkpoint (its config names the CIGM it used)."""
+    from geco.config import config_from_dict
+
+    ckpt = load_checkpoint(checkpoint)
+    cfg = config_from_dict(ckpt["config"])
+    # The weights come from the checkpoint: the backbone's initial weights are irrelevant.
+    cfg.geco.backbone.weights, cfg.geco.backbone.allow_random_init = "random", True
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["state"]["model"])
+    model.eval().to(device)
+    generator, _ = load_generator(cfg.geco.cigm_checkpoint, device)
+    return Retriever(generator, model, faithful=cfg.geco.faithful), ckpt
