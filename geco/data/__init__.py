@@ -1,0 +1,1 @@
+"""Datasets: split readers, image loading, synthetic outfits, transforms."""

@@ -1,0 +1,43 @@
+"""Shared fixtures: the read-only shared data folder (skipped when absent) and a small
+synthetic dataset generated once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from geco.data.synth import SynthSpec, generate
+
+# A spec small enough to generate in well under a second, still covering all 32 classes.
+SMALL_SPEC = SynthSpec(
+    n_train_tops=64, pairs_per_top=2, n_valid=32, n_test=40, n_negatives=9, image_size=64
+)
+
+
+def shared_dir() -> Path:
+    env = os.environ.get("GECO_SHARED_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """<shared>/data, or skip: CI and developers without the shared folder still pass."""
+    data = shared_dir() / "data"
+    if not data.is_dir():
+        pytest.skip(f"shared data not found at {data} (set GECO_SHARED_DIR)")
+    return data
+
+
+@pytest.fixture(scope="session")
+def synth_small_spec() -> SynthSpec:
+    return SMALL_SPEC
+
+
+@pytest.fixture(scope="session")
+def synth_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic dataset (SMALL_SPEC), generated once per session; read-only."""
+    out = tmp_path_factory.mktemp("synth") / "small"
+    generate(out, SMALL_SPEC)
+    return out
