@@ -100,10 +100,11 @@ def geco_loss(
     if reg not in REGULARISERS:
         raise ConfigError(f"GECo regulariser reg must be one of {REGULARISERS} (got {reg!r})")
     n = p.roll(1, dims=0)
+    pos, neg = (q * p).sum(-1), (q * n).sum(-1)
     zero = q.new_zeros(())
     bpr = nce = r = zero
     if alpha > 0:
-        bpr = bpr_loss((q * p).sum(-1), (q * n).sum(-1))
+        bpr = bpr_loss(pos, neg)
     if beta > 0:
         nce = info_nce(q, p, tau, p_all=p_all, offset=offset)
     if gamma > 0:
@@ -112,7 +113,9 @@ def geco_loss(
         else:
             r = l2_regulariser(params).to(q.device)  # empty params give a CPU scalar
     total = alpha * bpr + beta * nce + gamma * r
-    return total, _floats(("loss", "bpr", "infonce", "reg"), (total, bpr, nce, r))
+    # Share of rows whose positive outscores the rolled negative: a cheap training-side AUC.
+    acc = (pos > neg).float().mean()
+    return total, _floats(("loss", "bpr", "infonce", "reg", "acc"), (total, bpr, nce, r, acc))
 
 
 def _floats(names: Sequence[str], values: Sequence[Tensor]) -> dict[str, float]:

@@ -117,7 +117,8 @@ def test_geco_loss_composition_and_rolled_negative() -> None:
     assert parts["reg"] == pytest.approx(reg, rel=1e-10)
     assert total.item() == pytest.approx(a * bpr + b * nce + g * reg, rel=1e-10)
     assert parts["loss"] == pytest.approx(total.item())
-    assert set(parts) == {"loss", "bpr", "infonce", "reg"}
+    assert set(parts) == {"loss", "bpr", "infonce", "reg", "acc"}
+    assert 0.0 <= parts["acc"] <= 1.0
 
     _, paper = geco_loss(q, p, params, alpha=a, beta=b, gamma=g, tau=tau, reg="paper")
     assert paper["reg"] == pytest.approx(l2_regulariser(params).item())

@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
 from geco.data.datasets import collate_skip
+from geco.data.sampler import EpochBatchSampler
 from geco.errors import DataError, GecoError
 from geco.train.runtime import Runtime, load_checkpoint, save_checkpoint
 
@@ -47,23 +48,15 @@ class Stage(Protocol):
 
 
 def make_train_loader(stage: Stage, rt: Runtime, *, seed: int, num_workers: int) -> DataLoader:
-    # One sampler for 1..N ranks: the permutation depends only on (seed, epoch), and padding
-    # gives every rank the same number of samples, hence the same number of batches (DDP
-    # never waits on a rank that ran out). Every sample is seen once per epoch across ranks.
-    sampler = DistributedSampler(
-        stage.train_set, num_replicas=rt.world_size, rank=rt.rank, shuffle=True, seed=seed
-    )
-    per_rank = len(sampler)
-    # A trailing batch of one sample would make BatchNorm and in-batch negatives degenerate.
-    drop_last = per_rank % stage.batch_size == 1 and per_rank > 1
+    # Same global batches for any world size; each rank takes its share (geco.data.sampler).
+    sampler = EpochBatchSampler(len(stage.train_set), stage.batch_size, rank=rt.rank,
+                                world_size=rt.world_size, seed=seed)
     return DataLoader(
         stage.train_set,
-        batch_size=stage.batch_size,
-        sampler=sampler,
+        batch_sampler=sampler,
         num_workers=num_workers,
         collate_fn=collate_skip,
         pin_memory=rt.device.type == "cuda",
-        drop_last=drop_last,
         persistent_workers=num_workers > 0,
     )
 
@@ -158,7 +151,7 @@ def fit(
         steps = min(steps, stage.max_steps_per_epoch)
 
     for epoch in range(start_epoch, stage.epochs):
-        loader.sampler.set_epoch(epoch)
+        loader.batch_sampler.set_epoch(epoch)
         progress = Progress(stage.name, epoch, stage.epochs, steps, rt, log_every)
         skipped = 0
         t_data = time.perf_counter()
@@ -180,7 +173,7 @@ def fit(
         train_means = progress.means()
         keys = sorted(train_means)
         reduced = rt.all_reduce_sum([train_means[k] for k in keys] + [float(skipped)])
-        train_means = {f"train_{k}": v / rt.world_size for k, v in zip(keys, reduced[:-1])}
+        train_means = {f"train_{k}": v / rt.world_size for k, v in zip(keys, reduced[:-1], strict=True)}
         skipped_total = int(reduced[-1])
 
         metrics = stage.end_epoch(epoch, out)

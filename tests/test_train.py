@@ -1,0 +1,135 @@
+"""Both training stages end to end on tiny synthetic data: checkpoints, resume, evaluation,
+counted skips, and clear errors before any training for impossible settings."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from geco.cli import cmd_evaluate, main
+from geco.config import load_config
+from geco.errors import DataError, GecoError
+from geco.train.cigm import train_cigm
+from geco.train.geco import train_geco
+
+
+def tiny(root: Path, *extra: str):
+    return load_config(None, [
+        f"data.root={root}", "data.kind=standard", "data.image_size=32", "data.num_workers=0",
+        "cigm.features=8", "cigm.epochs=1", "cigm.batch_size=16",
+        "geco.epochs=1", "geco.batch_size=16", "geco.lr=3e-4",
+        "geco.backbone.weights=random", "geco.backbone.allow_random_init=true",
+        "eval.batch_size=64", "runtime.log_every=1000", *extra,
+    ])
+
+
+@pytest.fixture(scope="module")
+def trained(synth_small, tmp_path_factory):
+    """One CIGM epoch and one GECo epoch in a run dir shared by this module's tests."""
+    run = tmp_path_factory.mktemp("run")
+    cfg = tiny(synth_small)
+    train_cigm(cfg, run)
+    summary = train_geco(tiny(synth_small), run)
+    return run, summary
+
+
+def test_run_dir_holds_checkpoints_config_history_and_grids(trained):
+    run, summary = trained
+    for stage in ("cigm", "geco"):
+        ckpt = torch.load(run / stage / "last.pt", weights_only=True)
+        assert ckpt["stage"] == stage and ckpt["epoch"] == 0
+        assert ckpt["config"]["data"]["image_size"] == 32  # the resolved config travels along
+        assert {"state", "history", "best"} <= set(ckpt)
+        assert (run / stage / "samples" / "epoch_001.png").is_file()
+        lines = (run / stage / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(x)["epoch"] for x in lines] == [1]
+    ckpt = torch.load(run / "geco" / "best.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler"} <= set(ckpt["state"])
+    assert summary["best"]["metric"] == "valid_auc_1vs3"
+    record = summary["history"][0]
+    assert record["skipped_samples"] == 0 and record["samples_per_s"] > 0
+    assert 0.0 <= record["valid_auc_1vs1"] <= 1.0
+
+
+def test_resume_continues_without_repeating_epochs(trained, synth_small, tmp_path):
+    run, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    summary = train_geco(tiny(synth_small, "geco.epochs=2"), copy)
+    assert [r["epoch"] for r in summary["history"]] == [1, 2]
+    lines = (copy / "geco" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == [1, 2]
+    # Same epochs again: nothing left to do, history unchanged.
+    again = train_geco(tiny(synth_small, "geco.epochs=2"), copy)
+    assert [r["epoch"] for r in again["history"]] == [1, 2]
+
+
+def test_resume_refuses_a_different_config(trained, synth_small, tmp_path):
+    run, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    with pytest.raises(GecoError, match="geco.alpha"):
+        train_geco(tiny(synth_small, "geco.epochs=2", "geco.alpha=0.9"), copy)
+
+
+def test_evaluate_is_deterministic_and_complete(trained, synth_small, tmp_path):
+    run, _ = trained
+    a = cmd_evaluate(tiny(synth_small), run, "test", str(tmp_path / "a.json"), None)
+    b = cmd_evaluate(tiny(synth_small, "eval.batch_size=7"), run, "test",
+                     str(tmp_path / "b.json"), None)
+    keys = ("auc_1vs1", "auc_1vs3", "mrr_1vs9", "mrr_full", "recall_at_10", "ndcg_at_10",
+            "n_queries", "n_candidates")
+    for k in keys:
+        assert k in a
+        assert a[k] == pytest.approx(b[k], abs=1e-6), k  # batch size changes nothing
+    assert a["n_queries"] == 40 and a["n_candidates"] == 40
+    on_disk = json.loads((tmp_path / "a.json").read_text())
+    assert on_disk["auc_1vs1"] == a["auc_1vs1"]
+
+
+def test_unreadable_training_image_is_named_or_counted(synth_small, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(synth_small, data)
+    first = (data / "files" / "train.csv").read_text().splitlines()[1].split(",")
+    top = first[0]
+    (data / "img" / f"{top}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    rows_with_top = sum(1 for line in (data / "files" / "train.csv").read_text().splitlines()
+                        if line.split(",")[0] == top)
+
+    with pytest.raises(DataError, match=f"{top}.jpg"):
+        train_cigm(tiny(data), tmp_path / "run-error")
+
+    summary = train_cigm(tiny(data, "data.on_bad_image=skip"), tmp_path / "run-skip")
+    assert summary["history"][0]["skipped_samples"] == rows_with_top
+
+
+def test_cli_rejects_impossible_settings_before_training(synth_small, tmp_path, capsys):
+    rc = main(["train", "geco", "--run-dir", str(tmp_path), f"data.root={synth_small}",
+               "geco.alpha=0", "geco.beta=0"])
+    assert rc == 2
+    assert "alpha and beta" in capsys.readouterr().err
+    assert not (tmp_path / "geco").exists()
+
+
+def test_cli_names_the_missing_generator(synth_small, tmp_path, capsys):
+    rc = main(["train", "geco", "--run-dir", str(tmp_path), f"data.root={synth_small}",
+               "data.kind=standard", "data.image_size=32", "geco.backbone.weights=random",
+               "geco.backbone.allow_random_init=true"])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "no CIGM generator" in err and "cigm" in err
+
+
+def test_backbone_without_weights_stops_clearly(synth_small, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
+    run = tmp_path / "run"
+    train_cigm(tiny(synth_small), run)
+    rc = main(["train", "geco", "--run-dir", str(run), f"data.root={synth_small}",
+               "data.kind=standard", "data.image_size=32", "cigm.features=8",
+               "geco.backbone.weights=imagenet"])
+    assert rc == 2
+    assert "allow_random_init" in capsys.readouterr().err
