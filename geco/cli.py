@@ -70,9 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_synth(args, cfg: Config) -> None:
-    from geco.data.synth import SynthSpec, generate
+    from geco.data.synth import generate
 
-    summary = generate(Path(args.out), SynthSpec(**vars(cfg.data.synth)))
+    summary = generate(Path(args.out), cfg.data.synth)
     print(json.dumps(summary, indent=2, default=str))
 
 

@@ -19,21 +19,8 @@ from typing import Any
 
 import yaml
 
+from geco.data.synth import SynthSpec
 from geco.errors import ConfigError
-
-
-@dataclass
-class SynthConfig:
-    """The embedded synthetic outfit dataset (see geco.data.synth)."""
-
-    n_train_tops: int = 1500
-    pairs_per_top: int = 2
-    n_valid: int = 200
-    n_test: int = 300
-    n_negatives: int = 9
-    image_size: int = 128
-    seed: int = 0
-    jpeg_quality: int = 90
 
 
 @dataclass
@@ -48,7 +35,7 @@ class DataConfig:
     num_workers: int = 2
     # Generate the synthetic dataset into `root` when it is missing (embedded default).
     synthetic: bool = False
-    synth: SynthConfig = field(default_factory=SynthConfig)
+    synth: SynthSpec = field(default_factory=SynthSpec)
 
 
 @dataclass
@@ -139,6 +126,7 @@ class Config:
         _choice("data.on_missing_image", self.data.on_missing_image, ("error", "skip"))
         _choice("data.on_bad_image", self.data.on_bad_image, ("error", "skip"))
         _choice("geco.reg", g.reg, ("reference", "paper"))
+        _choice("geco.selection_metric", g.selection_metric, SELECTION_METRICS)
         _choice("eval.ties", self.eval.ties, ("expected", "optimistic", "pessimistic"))
         _choice("runtime.amp", self.runtime.amp, ("auto", "bf16", "off"))
         _choice("runtime.channels_last", self.runtime.channels_last, ("auto", "on", "off"))
@@ -161,6 +149,11 @@ class Config:
         if self.data.n_negatives < 3:
             raise ConfigError(f"data.n_negatives={self.data.n_negatives}: AUC-1vs3 needs >= 3")
         return self
+
+
+# Validation metrics that can pick the best GECo epoch (all "higher is better").
+SELECTION_METRICS = ("auc_1vs3", "auc_1vs1", "mrr_1vs9", "mrr_full", "recall_at_1",
+                     "recall_at_10", "ndcg_at_10")
 
 
 def _choice(key: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -61,9 +61,13 @@ def _loader(ds, batch_size: int, num_workers: int, rt: Runtime) -> DataLoader:
 
 @torch.no_grad()
 def embed_items(fn, ids: list[str], images: ImageFolder, size: int, *, rt: Runtime,
-                batch_size: int, num_workers: int, extra=None) -> torch.Tensor:
-    """Apply `fn(batch[, extra_slice])` over the images of `ids`, in order; returns [N, d] fp32."""
-    ds = ItemDataset(ids, images, imagenet_transform(size))
+                batch_size: int, num_workers: int, extra=None,
+                contexts: list[str] | None = None) -> torch.Tensor:
+    """Apply `fn(batch[, extra_slice])` over the images of `ids`, in order; returns [N, d] fp32.
+
+    `contexts` (CSV file:line per id) goes into the message if an image cannot be read.
+    """
+    ds = ItemDataset(ids, images, imagenet_transform(size), contexts=contexts)
     out, start = [], 0
     for batch in _loader(ds, batch_size, num_workers, rt):
         x = rt.to_device(batch["image"])
@@ -92,17 +96,20 @@ def evaluate_split(
     noise = torch.randn(n_rows, retriever.generator.noise_dim,
                         generator=torch.Generator().manual_seed(seed))
     queries = embed_items(retriever.queries, list(split.tops), images, image_size, rt=rt,
-                          batch_size=batch_size, num_workers=num_workers, extra=noise)
+                          batch_size=batch_size, num_workers=num_workers, extra=noise,
+                          contexts=[split.where(r) for r in range(n_rows)])
 
-    # Every bottom the split mentions, embedded once.
+    # Every bottom the split mentions, embedded once; `order` maps id -> row of `bottoms`.
     order: dict[str, int] = {}
-    for b in split.bottoms:
-        order.setdefault(b, len(order))
-    for negs in split.negatives:
-        for b in negs:
-            order.setdefault(b, len(order))
+    first_row: list[int] = []
+    for r, (b, negs) in enumerate(zip(split.bottoms, split.negatives, strict=True)):
+        for item in (b, *negs):
+            if item not in order:
+                order[item] = len(order)
+                first_row.append(r)
     bottoms = embed_items(retriever.bottoms, list(order), images, image_size, rt=rt,
-                          batch_size=batch_size, num_workers=num_workers)
+                          batch_size=batch_size, num_workers=num_workers,
+                          contexts=[split.where(r) for r in first_row])
 
     pos_idx = torch.tensor([order[b] for b in split.bottoms])
     neg_idx = torch.tensor([[order[b] for b in negs] for negs in split.negatives])
@@ -116,6 +123,7 @@ def evaluate_split(
     pool = bottoms[torch.tensor([order[b] for b in pool_ids])]
     pool_index = torch.tensor([pool_pos[b] for b in split.bottoms])
     metrics.update(full_ranking_metrics(queries, pool, pool_index, ties=ties))
+    metrics["n_queries"], metrics["n_candidates"] = n_rows, len(pool_ids)
     rnd = random_expectations(len(pool_ids))
     metrics["random_mrr_full"] = rnd["mrr"]
     metrics["mrr_full_vs_random"] = metrics["mrr_full"] / rnd["mrr"]

@@ -40,6 +40,7 @@ def test_overrides_are_typed_and_nested():
     ("data.image_size=100", "data.image_size"),
     ("geco.lr=0", "geco.lr"),
     ("eval.ties=random", "eval.ties"),
+    ("geco.selection_metric=loss", "geco.selection_metric"),
     ("geco.betas=[0.5]", "geco.betas"),
 ])
 def test_bad_values_name_the_setting(override, culprit):

@@ -83,3 +83,34 @@ def test_two_ranks_agree_and_cover_the_epoch(synth_small, tmp_path, extra):
     # Parameters moved away from the shared initial weights: training really happened.
     history = json.loads((run / "geco" / "metrics.jsonl").read_text().splitlines()[0])
     assert history["train_loss"] > 0
+
+
+GATHER = textwrap.dedent('''
+    import torch
+    from geco.config import RuntimeConfig
+    from geco.train.runtime import gather_rows, init_runtime
+
+    rt = init_runtime(RuntimeConfig(device="cpu"))
+    x = torch.full((rt.rank + 2, 3), float(rt.rank + 1), requires_grad=True)  # 2 and 3 rows
+    allx, offset = gather_rows(x, rt)
+    assert allx.shape == (5, 3), allx.shape
+    assert allx[:2].eq(1).all() and allx[2:].eq(2).all()
+    assert offset == (0 if rt.rank == 0 else 2)
+    (allx.sum(1) * torch.arange(1.0, 6.0)).sum().backward()
+    # Both ranks used every row, so each row's gradient is the sum over the 2 ranks.
+    mine = 2 * torch.arange(1.0, 6.0)[offset:offset + len(x)]
+    assert torch.equal(x.grad, mine[:, None].expand(-1, 3)), x.grad
+    print("ok", rt.rank)
+''')
+
+
+def test_gather_rows_handles_uneven_ranks(tmp_path):
+    script = tmp_path / "gather.py"
+    script.write_text(GATHER)
+    env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "GLOO_SOCKET_IFNAME": "lo",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "ok 0" in proc.stdout and "ok 1" in proc.stdout

@@ -17,11 +17,13 @@ from PIL import Image
 from geco.data.images import ImageFolder, preflight
 from geco.data.splits import load_splits, resolve_layout
 from geco.data.synth import (
+    BOTTOM_SHAPES,
     COLOUR_MAP,
     COLOUR_RGB,
     COLOURS,
     PATTERN_MAP,
     PATTERNS,
+    SHAPE_MAP,
     SynthSpec,
     ensure,
     generate,
@@ -41,9 +43,14 @@ def test_maps_are_derangements():
     assert sorted(COLOUR_MAP.values()) == sorted(COLOURS) and len(COLOURS) == 8
     assert sorted(PATTERN_MAP.values()) == sorted(PATTERNS) and len(PATTERNS) == 4
     assert all(k != v for k, v in (COLOUR_MAP | PATTERN_MAP).items())
-    top = {"colour": "red", "pattern": "plain"}
-    assert is_compatible(top, {"colour": COLOUR_MAP["red"], "pattern": PATTERN_MAP["plain"]})
-    assert not is_compatible(top, {"colour": "red", "pattern": PATTERN_MAP["plain"]})
+    assert sorted(SHAPE_MAP.values()) == sorted(BOTTOM_SHAPES)
+    top = {"colour": "red", "pattern": "plain", "shape": "tee"}
+    good = {"colour": COLOUR_MAP["red"], "pattern": PATTERN_MAP["plain"],
+            "shape": SHAPE_MAP["tee"]}
+    assert is_compatible(top, good)
+    assert not is_compatible(top, {**good, "colour": "red"})
+    assert not is_compatible(top, {**good, "pattern": "plain"})
+    assert not is_compatible(top, {**good, "shape": SHAPE_MAP["tank"]})
 
 
 def test_deterministic_by_seed(synth_small, synth_small_spec, tmp_path):
@@ -96,9 +103,10 @@ def test_ids_unique_and_disjoint(synth_small):
     bottoms = [set(s.bottoms) for s in splits.values()]
     everything = set().union(*tops, *bottoms)
     assert sum(map(len, tops)) + sum(map(len, bottoms)) == len(everything) == len(items)
-    # All 32 classes appear among each split's tops; shapes vary independently.
+    # All 96 classes appear among each split's tops.
     for s in splits.values():
-        assert len({(items[t]["colour"], items[t]["pattern"]) for t in s.tops}) == 32
+        assert len({(items[t]["colour"], items[t]["pattern"], items[t]["shape"])
+                    for t in s.tops}) == 96
     assert {a["shape"] for a in items.values()} == {
         "tee", "tank", "longsleeve", "trousers", "shorts", "skirt"
     }  # fmt: skip
@@ -143,10 +151,10 @@ def test_default_spec_timing_and_balance(tmp_path):
 
 def test_ensure_is_idempotent(tmp_path, synth_small_spec):
     out = tmp_path / "s"
-    spec = replace(synth_small_spec, n_train_tops=32, pairs_per_top=1, image_size=32)
+    spec = replace(synth_small_spec, n_train_tops=96, pairs_per_top=1, image_size=32)
     assert ensure(out, spec) == out
     meta = json.loads((out / "synth.json").read_text())
-    assert meta["spec"]["n_train_tops"] == 32 and meta["counts"]["rows"]["train"] == 32
+    assert meta["spec"]["n_train_tops"] == 96 and meta["counts"]["rows"]["train"] == 96
     stamp = (out / "synth.json").stat().st_mtime_ns
     ensure(out, spec)
     assert (out / "synth.json").stat().st_mtime_ns == stamp  # not regenerated
@@ -164,10 +172,10 @@ def test_refuses_foreign_folder_and_bad_specs(tmp_path, synth_small_spec):
     with pytest.raises(DataError, match="refusing"):
         generate(tmp_path, spec)
     for bad in (
-        {"n_train_tops": 40},  # < 32 classes x 2 pairs per top
+        {"n_train_tops": 100},  # < 96 classes x 2 pairs per top
         {"n_valid": 10},
         {"n_negatives": 2},
-        {"n_negatives": 31},
+        {"n_negatives": 80},  # > 3/4 of the smallest eval split
         {"image_size": 8},
         {"jpeg_quality": 0},
     ):

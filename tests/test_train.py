@@ -86,7 +86,7 @@ def test_evaluate_is_deterministic_and_complete(trained, synth_small, tmp_path):
     for k in keys:
         assert k in a
         assert a[k] == pytest.approx(b[k], abs=1e-6), k  # batch size changes nothing
-    assert a["n_queries"] == 40 and a["n_candidates"] == 40
+    assert a["n_queries"] == 100 and a["n_candidates"] == 100
     on_disk = json.loads((tmp_path / "a.json").read_text())
     assert on_disk["auc_1vs1"] == a["auc_1vs1"]
 
@@ -133,3 +133,37 @@ def test_backbone_without_weights_stops_clearly(synth_small, tmp_path, capsys, m
                "geco.backbone.weights=imagenet"])
     assert rc == 2
     assert "allow_random_init" in capsys.readouterr().err
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(synth_small, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    args = ["train", "cigm", "--run-dir", str(run), f"data.root={synth_small}",
+            "data.kind=standard", "data.image_size=32", "data.num_workers=0",
+            "cigm.features=8", "cigm.epochs=12", "cigm.batch_size=16", "runtime.log_every=1000"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-m", "geco.cli", *args], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    last = run / "cigm" / "last.pt"
+    deadline = time.monotonic() + 300
+    while not last.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "training ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = torch.load(last, weights_only=True)
+    done = before["epoch"] + 1
+    assert 1 <= done < 12
+
+    assert main(args) == 0  # same command again: picks up after the last saved epoch
+    ckpt = torch.load(last, weights_only=True)
+    assert [r["epoch"] for r in ckpt["history"]] == list(range(1, 13))
+    # The epochs finished before the kill were kept (their records, timings included), not rerun.
+    assert ckpt["history"][:done] == before["history"]
+    lines = (run / "cigm" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x)["epoch"] for x in lines] == list(range(1, 13))

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -15,6 +16,7 @@ from geco.data.images import ImageFolder
 from geco.data.splits import Split
 from geco.errors import ConfigError, DataError
 
+log = logging.getLogger("geco")
 Transform = Callable[[Image.Image], Tensor]
 ON_BAD_IMAGE = ("error", "skip")
 
@@ -34,8 +36,9 @@ class _Base(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any] | None:
         try:
             return self._item(index)
-        except DataError:
+        except DataError as exc:
             if self.on_bad_image == "skip":
+                log.warning("skipping sample %d: %s", index, exc)  # counted by collate_skip
                 return None
             raise
 

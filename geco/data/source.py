@@ -8,7 +8,7 @@ from pathlib import Path
 from geco.config import DataConfig
 from geco.data.images import ImageFolder, preflight
 from geco.data.splits import Split, load_splits, resolve_layout
-from geco.data.synth import SynthSpec, ensure
+from geco.data.synth import ensure
 
 log = logging.getLogger("geco")
 
@@ -16,7 +16,7 @@ log = logging.getLogger("geco")
 def ensure_synthetic(cfg: DataConfig) -> None:
     """Generate the synthetic dataset into cfg.root when configured and missing (idempotent)."""
     if cfg.synthetic:
-        ensure(Path(cfg.root), SynthSpec(**vars(cfg.synth)))
+        ensure(Path(cfg.root), cfg.synth)
 
 
 def open_dataset(

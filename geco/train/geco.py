@@ -24,7 +24,7 @@ from geco.models.backbone import resnet18_features
 from geco.models.geco import GECo
 from geco.train.cigm import load_generator
 from geco.train.loop import fit
-from geco.train.runtime import Runtime, init_runtime, load_checkpoint, unwrap
+from geco.train.runtime import Runtime, gather_rows, init_runtime, load_checkpoint, unwrap
 from geco.train.samples import save_template_grid
 
 log = logging.getLogger("geco")
@@ -89,10 +89,8 @@ class GECoStage:
         q, p = q.float(), p.float()
         p_all, offset = None, 0
         if g.global_negatives and rt.distributed:
-            # Differentiable gather: every rank's positives become negatives for every query.
-            from torch.distributed.nn.functional import all_gather
-
-            p_all, offset = torch.cat(all_gather(p)), rt.rank * len(p)
+            # Every rank's positives become InfoNCE negatives for every query.
+            p_all, offset = gather_rows(p, rt)
         loss, parts = geco_loss(q, p, unwrap(self.model).parameters(), alpha=g.alpha,
                                 beta=g.beta, gamma=g.gamma, tau=g.tau, reg=g.reg,
                                 p_all=p_all, offset=offset)
@@ -109,6 +107,7 @@ class GECoStage:
                 self.retriever, self.valid, self.images, rt=self.rt,
                 image_size=self.cfg.data.image_size, batch_size=self.cfg.eval.batch_size,
                 seed=self.cfg.eval.seed, ties=self.cfg.eval.ties,
+                num_workers=self.cfg.data.num_workers,
             )
             metrics = {f"valid_{k}": float(v) for k, v in m.items()
                        if isinstance(v, float) and k != "eval_seconds"}

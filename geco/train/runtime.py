@@ -114,6 +114,32 @@ def init_runtime(cfg: RuntimeConfig) -> Runtime:
     return Runtime(device, rank, world, local_rank, torch.bfloat16 if amp else None, channels_last)
 
 
+def gather_rows(x: torch.Tensor, rt: Runtime) -> tuple[torch.Tensor, int]:
+    """Differentiable all-gather of every rank's rows (ranks may hold different counts).
+
+    Returns the concatenation in rank order and the offset of this rank's first row in it.
+    Gradients flow back to each rank's own rows, summed over the ranks that used them (DDP's
+    gradient averaging then divides by the world size, as for any shared computation).
+    """
+    if not rt.distributed:
+        return x, 0
+    from torch.distributed._functional_collectives import (
+        all_gather_tensor_autograd,
+        wait_tensor,
+    )
+
+    size = torch.tensor([len(x)], device=x.device)
+    sizes = [torch.zeros_like(size) for _ in range(rt.world_size)]
+    dist.all_gather(sizes, size)
+    counts = [int(s) for s in sizes]
+    padded = torch.nn.functional.pad(x, (0, 0, 0, max(counts) - len(x)))
+    # Autograd-aware gather (backward sums every rank's gradient for our rows); shapes are
+    # equal thanks to the padding.
+    gathered = wait_tensor(all_gather_tensor_autograd(padded, 0, dist.group.WORLD))
+    parts = gathered.split(max(counts))
+    return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)]), sum(counts[:rt.rank])
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
