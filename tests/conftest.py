@@ -10,7 +10,7 @@ import pytest
 
 from geco.data.synth import SynthSpec, generate
 
-# A spec small enough to generate in well under a second, still covering all 96 classes.
+# A spec small enough to generate in well under a second, still covering all 72 classes.
 SMALL_SPEC = SynthSpec(
     n_train_tops=192, pairs_per_top=2, n_valid=96, n_test=100, n_negatives=9, image_size=64
 )

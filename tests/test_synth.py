@@ -21,7 +21,8 @@ from geco.data.synth import (
     COLOUR_MAP,
     COLOUR_RGB,
     COLOURS,
-    PATTERN_MAP,
+    TRIM_MAP,
+    TRIMS,
     PATTERNS,
     SHAPE_MAP,
     SynthSpec,
@@ -41,15 +42,16 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def test_maps_are_derangements():
     assert sorted(COLOUR_MAP.values()) == sorted(COLOURS) and len(COLOURS) == 8
-    assert sorted(PATTERN_MAP.values()) == sorted(PATTERNS) and len(PATTERNS) == 4
-    assert all(k != v for k, v in (COLOUR_MAP | PATTERN_MAP).items())
+    assert sorted(TRIM_MAP.values()) == sorted(TRIMS) and len(TRIMS) == 3
+    assert all(k != v for k, v in (COLOUR_MAP | TRIM_MAP).items())
     assert sorted(SHAPE_MAP.values()) == sorted(BOTTOM_SHAPES)
-    top = {"colour": "red", "pattern": "plain", "shape": "tee"}
-    good = {"colour": COLOUR_MAP["red"], "pattern": PATTERN_MAP["plain"],
+    top = {"colour": "red", "trim": "white", "pattern": "plain", "shape": "tee"}
+    good = {"colour": COLOUR_MAP["red"], "trim": TRIM_MAP["white"], "pattern": "dots",
             "shape": SHAPE_MAP["tee"]}
     assert is_compatible(top, good)
     assert not is_compatible(top, {**good, "colour": "red"})
-    assert not is_compatible(top, {**good, "pattern": "plain"})
+    assert not is_compatible(top, {**good, "trim": "white"})
+    assert is_compatible(top, {**good, "pattern": "checks"})  # the fill pattern is a nuisance
     assert not is_compatible(top, {**good, "shape": SHAPE_MAP["tank"]})
 
 
@@ -103,10 +105,11 @@ def test_ids_unique_and_disjoint(synth_small):
     bottoms = [set(s.bottoms) for s in splits.values()]
     everything = set().union(*tops, *bottoms)
     assert sum(map(len, tops)) + sum(map(len, bottoms)) == len(everything) == len(items)
-    # All 96 classes appear among each split's tops.
+    # All 72 classes appear among each split's tops; fill patterns vary independently.
     for s in splits.values():
-        assert len({(items[t]["colour"], items[t]["pattern"], items[t]["shape"])
-                    for t in s.tops}) == 96
+        assert len({(items[t]["colour"], items[t]["trim"], items[t]["shape"])
+                    for t in s.tops}) == 72
+    assert {a["pattern"] for a in items.values()} == set(PATTERNS)
     assert {a["shape"] for a in items.values()} == {
         "tee", "tank", "longsleeve", "trousers", "shorts", "skirt"
     }  # fmt: skip
@@ -123,9 +126,11 @@ def test_images_decode_unique_and_show_the_colour(synth_small, synth_small_spec)
         assert im.size == (synth_small_spec.image_size,) * 2
         x = np.asarray(im, dtype=np.float64)
         digests.add(x.tobytes())
-        # Colour is recoverable from pixels: brighter half of the garment vs the 8 hues.
+        # Colour is recoverable from pixels: brighter half of the garment vs the 8 hues
+        # (grey-ish pixels, i.e. the white / black / grey trim band, left out).
         px = x.reshape(-1, 3)
-        garment = px[np.abs(px - np.median(x[0], axis=0)).max(axis=1) > 60]
+        off_bg = np.abs(px - np.median(x[0], axis=0)).max(axis=1) > 60
+        garment = px[off_bg & (px.max(axis=1) - px.min(axis=1) > 40)]
         base = garment[garment.sum(1) >= np.median(garment.sum(1))].mean(0)
         chroma = COLOUR_RGB / COLOUR_RGB.sum(1, keepdims=True)
         guess = COLOURS[int(np.argmin(((base / base.sum() - chroma) ** 2).sum(1)))]
@@ -172,7 +177,7 @@ def test_refuses_foreign_folder_and_bad_specs(tmp_path, synth_small_spec):
     with pytest.raises(DataError, match="refusing"):
         generate(tmp_path, spec)
     for bad in (
-        {"n_train_tops": 100},  # < 96 classes x 2 pairs per top
+        {"n_train_tops": 100},  # < 72 classes x 2 pairs per top
         {"n_valid": 10},
         {"n_negatives": 2},
         {"n_negatives": 80},  # > 3/4 of the smallest eval split

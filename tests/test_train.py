@@ -145,7 +145,8 @@ def test_killed_training_resumes_from_its_last_checkpoint(synth_small, tmp_path)
     run = tmp_path / "run"
     args = ["train", "cigm", "--run-dir", str(run), f"data.root={synth_small}",
             "data.kind=standard", "data.image_size=32", "data.num_workers=0",
-            "cigm.features=8", "cigm.epochs=12", "cigm.batch_size=16", "runtime.log_every=1000"]
+            "cigm.features=8", "cigm.epochs=12", "cigm.batch_size=16", "cigm.max_steps_per_epoch=2",
+            "cigm.n_samples=2", "runtime.log_every=1000"]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "geco.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
