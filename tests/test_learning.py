@@ -22,8 +22,8 @@ SPEC = SynthSpec(n_train_tops=288, pairs_per_top=2, n_valid=96, n_test=120, imag
 def run_pipeline(data: Path, run: Path) -> dict:
     cfg = load_config(None, [
         f"data.root={data}", "data.kind=standard", "data.image_size=64", "data.num_workers=0",
-        "cigm.features=8", "cigm.epochs=1", "cigm.batch_size=32",
-        "geco.epochs=3", "geco.batch_size=32", "geco.lr=3e-4",
+        "cigm.features=16", "cigm.epochs=3", "cigm.batch_size=16",
+        "geco.epochs=5", "geco.batch_size=32", "geco.lr=3e-4",
         "geco.backbone.weights=random", "geco.backbone.allow_random_init=true",
         "runtime.log_every=1000",
     ])
