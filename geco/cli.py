@@ -149,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     except GecoError as exc:
         print(f"geco: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        from geco.train.runtime import shutdown_distributed
+
+        shutdown_distributed()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ WORKER = textwrap.dedent('''
     from geco.train.cigm import CIGMStage
     from geco.train.geco import GECoStage
     from geco.train.loop import fit, make_train_loader
-    from geco.train.runtime import init_runtime, unwrap
+    from geco.train.runtime import init_runtime, shutdown_distributed, unwrap
 
     data, run, extra = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
     cfg = load_config(None, [
@@ -47,6 +47,7 @@ WORKER = textwrap.dedent('''
     fit(geco, rt, run, cfg.to_dict(), seed=cfg.runtime.seed, resume=False)
     out["geco"] = {k: v.double().sum().item() for k, v in unwrap(geco.model).named_parameters()}
     Path(run, f"rank{rt.rank}.json").write_text(json.dumps(out))
+    shutdown_distributed()
 ''')
 
 
@@ -88,7 +89,7 @@ def test_two_ranks_agree_and_cover_the_epoch(synth_small, tmp_path, extra):
 GATHER = textwrap.dedent('''
     import torch
     from geco.config import RuntimeConfig
-    from geco.train.runtime import gather_rows, init_runtime
+    from geco.train.runtime import gather_rows, init_runtime, shutdown_distributed
 
     rt = init_runtime(RuntimeConfig(device="cpu"))
     x = torch.full((rt.rank + 2, 3), float(rt.rank + 1), requires_grad=True)  # 2 and 3 rows
@@ -101,6 +102,7 @@ GATHER = textwrap.dedent('''
     mine = 2 * torch.arange(1.0, 6.0)[offset:offset + len(x)]
     assert torch.equal(x.grad, mine[:, None].expand(-1, 3)), x.grad
     print("ok", rt.rank)
+    shutdown_distributed()
 ''')
 
 

@@ -123,10 +123,10 @@ def gather_rows(x: torch.Tensor, rt: Runtime) -> tuple[torch.Tensor, int]:
     """
     if not rt.distributed:
         return x, 0
-    from torch.distributed._functional_collectives import (
-        all_gather_tensor_autograd,
-        wait_tensor,
-    )
+    import torch.distributed._functional_collectives as fc
+
+    # all_gather_single_autograd is the current name (torch >= 2.14); older torch has the other.
+    gather = getattr(fc, "all_gather_single_autograd", None) or fc.all_gather_tensor_autograd
 
     size = torch.tensor([len(x)], device=x.device)
     sizes = [torch.zeros_like(size) for _ in range(rt.world_size)]
@@ -135,9 +135,15 @@ def gather_rows(x: torch.Tensor, rt: Runtime) -> tuple[torch.Tensor, int]:
     padded = torch.nn.functional.pad(x, (0, 0, 0, max(counts) - len(x)))
     # Autograd-aware gather (backward sums every rank's gradient for our rows); shapes are
     # equal thanks to the padding.
-    gathered = wait_tensor(all_gather_tensor_autograd(padded, 0, dist.group.WORLD))
+    gathered = fc.wait_tensor(gather(padded, 0, dist.group.WORLD))
     parts = gathered.split(max(counts))
     return torch.cat([p[:n] for p, n in zip(parts, counts, strict=True)]), sum(counts[:rt.rank])
+
+
+def shutdown_distributed() -> None:
+    """Leave the process group; exiting with one still open can abort the interpreter."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def seed_everything(seed: int) -> None:
