@@ -53,3 +53,7 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# A real SeaweedFS S3 server on loopback (auth on), started once per session when a test asks.
+from tests.s3_server import s3_env, s3_server  # noqa: E402, F401
