@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data.add_parser("synth", help="write the synthetic outfit dataset")
     synth.add_argument("--out", required=True, help="output folder (files/, img/)")
     _common(synth, run_dir=False)
+    from geco.data.shards import add_shard_command
+
+    add_shard_command(data)
 
     train = sub.add_parser("train", help="train a stage").add_subparsers(dest="stage",
                                                                          required=True)
@@ -136,7 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "data":
-            cmd_synth(args, cfg)
+            if args.data_cmd == "shard":
+                from geco.data.shards import cmd_shard
+
+                cmd_shard(args, cfg)
+            else:
+                cmd_synth(args, cfg)
             return 0
         run_dir = Path(args.run_dir)
         if args.command == "train":

@@ -26,7 +26,6 @@ from geco.data.storage import (
 )
 from tests.s3_server import S3_SH, S3Server, free_port
 
-
 MiB = 1024 * 1024
 
 
