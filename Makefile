@@ -6,14 +6,28 @@ CONFIG ?= configs/synthetic-cpu.yaml
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-all lint bench gpu-smoke clean
+.PHONY: venv demo demo-local stop test lint bench gpu-smoke clean
 
 venv:
 	@bash scripts/setup_venv.sh
 
-# Synthetic outfits -> CIGM -> GECo -> test metrics, on this machine (resumes if interrupted).
+SHARDS ?= s3://geco/synthetic
+
+# Synthetic outfits -> WebDataset shards in the local S3 server (SeaweedFS on 127.0.0.1) ->
+# CIGM -> GECo (training pairs streamed from S3) -> test metrics. Resumes if interrupted.
 demo: venv
-	$(PY) -m geco.cli pipeline --config $(CONFIG) --run-dir $(RUN_DIR)
+	bash infra/local/s3.sh start
+	bash infra/local/s3.sh bucket $(word 2,$(subst /, ,$(SHARDS)))
+	eval "$$(bash infra/local/s3.sh env)" && \
+	  $(PY) -m geco.cli data shard --out $(SHARDS) --config $(CONFIG) --image-size 64 && \
+	  $(PY) -m geco.cli pipeline --config $(CONFIG) --run-dir $(RUN_DIR) data.shards=$(SHARDS)
+
+# The same pipeline reading the dataset folder directly (no S3 server).
+demo-local: venv
+	$(PY) -m geco.cli pipeline --config $(CONFIG) --run-dir runs/demo-local
+
+stop:
+	bash infra/local/s3.sh stop
 
 # Lint, then every test that needs no GPU (GPU tests skip themselves without CUDA).
 test: venv
@@ -25,9 +39,10 @@ lint: venv
 
 bench: venv
 	$(PY) bench/bench_mrr.py
+	$(PY) bench/bench_reader.py
 
 gpu-smoke: venv
 	$(PY) scripts/gpu_smoke.py
 
-clean:
+clean: stop
 	rm -rf runs data/synthetic

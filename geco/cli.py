@@ -26,6 +26,8 @@ def _setup_logging() -> None:
         level=logging.INFO if rank == 0 else logging.WARNING,
         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
     )
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:

@@ -33,6 +33,10 @@ class DataConfig:
     on_missing_image: str = "error"  # error | skip: rows whose image files are absent (preflight)
     on_bad_image: str = "error"  # error | skip: images that fail to decode during training
     num_workers: int = 2
+    # Training pairs streamed from WebDataset shards (`geco data shard`): a folder or an
+    # s3://bucket/prefix holding manifest.json. Empty = read pairs from `root` directly.
+    # Validation and test still read `root`.
+    shards: str = ""
     # Generate the synthetic dataset into `root` when it is missing (embedded default).
     synthetic: bool = False
     synth: SynthSpec = field(default_factory=SynthSpec)

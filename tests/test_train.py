@@ -37,7 +37,7 @@ def trained(synth_small, tmp_path_factory):
     return run, summary
 
 
-def test_run_dir_holds_checkpoints_config_history_and_grids(trained):
+def test_run_dir_holds_checkpoints_config_history_and_grids(trained, synth_small):
     run, summary = trained
     for stage in ("cigm", "geco"):
         ckpt = torch.load(run / stage / "last.pt", weights_only=True)
@@ -52,6 +52,8 @@ def test_run_dir_holds_checkpoints_config_history_and_grids(trained):
     assert summary["best"]["metric"] == "valid_auc_1vs3"
     record = summary["history"][0]
     assert record["skipped_samples"] == 0 and record["samples_per_s"] > 0
+    n_train = len((synth_small / "files" / "train.csv").read_text().splitlines()) - 1
+    assert record["samples"] == n_train  # one epoch = every pair once
     assert 0.0 <= record["valid_auc_1vs1"] <= 1.0
 
 
@@ -168,3 +170,31 @@ def test_killed_training_resumes_from_its_last_checkpoint(synth_small, tmp_path)
     assert ckpt["history"][:done] == before["history"]
     lines = (run / "cigm" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["epoch"] for x in lines] == list(range(1, 13))
+
+
+@pytest.mark.integration
+def test_both_stages_train_from_shards_in_s3(synth_small, s3_env, tmp_path, capsys):
+    """synthetic -> shards -> SeaweedFS (auth on) -> streamed into CIGM and GECo training."""
+    url = f"s3://{s3_env.bucket}/train-from-s3"
+    common = [f"data.root={synth_small}", "data.kind=standard", "data.image_size=32"]
+    shard = ["data", "shard", "--out", url, "--image-size", "32", "--samples-per-shard", "50",
+             *common]
+    assert main(shard) == 0
+    first = json.loads(capsys.readouterr().out)["upload"]
+    assert first["transferred"] > 1 and first["skipped"] == 0
+    assert main(shard) == 0  # same input, same bytes: the second upload transfers nothing
+    again = json.loads(capsys.readouterr().out)["upload"]
+    assert again["transferred"] == 0 and again["skipped"] == first["transferred"]
+    cfg = tiny(synth_small, f"data.shards={url}", "data.num_workers=2")
+    run = tmp_path / "run"
+    cigm = train_cigm(cfg, run)
+    geco = train_geco(tiny(synth_small, f"data.shards={url}", "data.num_workers=2"), run)
+    n_train = len((synth_small / "files" / "train.csv").read_text().splitlines()) - 1
+    for summary in (cigm, geco):
+        record = summary["history"][0]
+        assert record["skipped_samples"] == 0 and record["samples_per_s"] > 0
+    # One streamed epoch = every training pair once.
+    assert cigm["history"][0]["samples"] == geco["history"][0]["samples"] == n_train
+    from geco.data.stream import load_manifest
+
+    assert load_manifest(url)["splits"]["train"]["samples"] == n_train

@@ -338,11 +338,18 @@ def cmd_shard(args, cfg) -> dict[str, Any]:
     except ImportError:
         raise ConfigError("s3:// output needs geco.data.storage, which is not installed") from None
     with tempfile.TemporaryDirectory(prefix="geco-shards-") as tmp:
-        stage = Path(args.work_dir) if args.work_dir else Path(tmp)
+        stage = Path(args.work_dir) if args.work_dir else Path(tmp) / "shards"
         manifest = write_shards(splits, images, stage, spec, source=source,
                                 on_bad_image=cfg.data.on_bad_image)
-        Storage(out).sync_dir(stage)
-    print(json.dumps(_summary(manifest, out), indent=2))
+        # Shards first, manifest last: a reader never finds a manifest naming absent shards.
+        local_manifest = stage / "manifest.json"
+        held = Path(tmp) / "manifest.json.hold"
+        local_manifest.replace(held)
+        storage = Storage(out)
+        upload = storage.sync_dir(stage)
+        upload["transferred" if storage.put_file(held, "manifest.json") else "skipped"] += 1
+        held.replace(local_manifest)
+    print(json.dumps({**_summary(manifest, out), "upload": upload}, indent=2))
     return manifest
 
 

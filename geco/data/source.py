@@ -19,6 +19,21 @@ def ensure_synthetic(cfg: DataConfig) -> None:
         ensure(Path(cfg.root), cfg.synth)
 
 
+def train_pairs(cfg: DataConfig, split: Split, images: ImageFolder, transform, *, rank: int,
+                world_size: int, seed: int, batch_size: int):
+    """The training pairs: streamed from `cfg.shards` when set, else read from the folder."""
+    if cfg.shards:
+        from geco.data.stream import ShardStream
+
+        return ShardStream.from_manifest(
+            cfg.shards, "train", transform=transform, rank=rank, world_size=world_size,
+            seed=seed, batch_size=batch_size, on_bad=cfg.on_bad_image,
+        )
+    from geco.data.datasets import PairDataset
+
+    return PairDataset(split, images, transform, on_bad_image=cfg.on_bad_image)
+
+
 def open_dataset(
     cfg: DataConfig, splits: tuple[str, ...] = ("train", "valid", "test")
 ) -> tuple[dict[str, Split], ImageFolder]:

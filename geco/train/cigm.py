@@ -18,7 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from geco.config import Config
 from geco.data.datasets import PairDataset
-from geco.data.source import ensure_synthetic, open_dataset
+from geco.data.source import ensure_synthetic, open_dataset, train_pairs
 from geco.data.transforms import gan_transform
 from geco.losses import gan_g_loss
 from geco.models.cigm import Generator, build_cigm
@@ -39,7 +39,9 @@ class CIGMStage:
         self.max_steps_per_epoch = c.max_steps_per_epoch
         splits, images = open_dataset(cfg.data, ("train", "valid"))
         tf = gan_transform(cfg.data.image_size)
-        self.train_set = PairDataset(splits["train"], images, tf, on_bad_image=cfg.data.on_bad_image)
+        self.train_set = train_pairs(cfg.data, splits["train"], images, tf, rank=rt.rank,
+                                     world_size=rt.world_size, seed=cfg.runtime.seed,
+                                     batch_size=c.batch_size)
         valid = splits["valid"]
         n = min(c.n_samples, len(valid))
         self.sample_set = PairDataset(valid.subset(range(n)), images, tf)

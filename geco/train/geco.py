@@ -16,7 +16,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from geco.config import Config
 from geco.data.datasets import PairDataset
-from geco.data.source import ensure_synthetic, open_dataset
+from geco.data.source import ensure_synthetic, open_dataset, train_pairs
 from geco.data.transforms import imagenet_transform
 from geco.evaluate import Retriever, evaluate_split
 from geco.losses import geco_loss
@@ -52,8 +52,9 @@ class GECoStage:
         self.valid = splits["valid"]
         size = cfg.data.image_size
         tf = imagenet_transform(size)
-        self.train_set = PairDataset(splits["train"], self.images, tf,
-                                     on_bad_image=cfg.data.on_bad_image)
+        self.train_set = train_pairs(cfg.data, splits["train"], self.images, tf, rank=rt.rank,
+                                     world_size=rt.world_size, seed=cfg.runtime.seed,
+                                     batch_size=g.batch_size)
         self.sample_set = PairDataset(self.valid.subset(range(min(8, len(self.valid)))),
                                       self.images, tf)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from geco.data.datasets import collate_skip
 from geco.data.sampler import EpochBatchSampler
@@ -48,6 +48,11 @@ class Stage(Protocol):
 
 
 def make_train_loader(stage: Stage, rt: Runtime, *, seed: int, num_workers: int) -> DataLoader:
+    if isinstance(stage.train_set, IterableDataset):
+        # A shard stream batches itself, per rank and worker, with equal steps per rank.
+        return DataLoader(stage.train_set, batch_size=None, num_workers=num_workers,
+                          pin_memory=rt.device.type == "cuda",
+                          persistent_workers=num_workers > 0)
     # Same global batches for any world size; each rank takes its share (geco.data.sampler).
     sampler = EpochBatchSampler(len(stage.train_set), stage.batch_size, rank=rt.rank,
                                 world_size=rt.world_size, seed=seed)
@@ -59,6 +64,11 @@ def make_train_loader(stage: Stage, rt: Runtime, *, seed: int, num_workers: int)
         pin_memory=rt.device.type == "cuda",
         persistent_workers=num_workers > 0,
     )
+
+
+def _set_epoch(loader: DataLoader, epoch: int) -> None:
+    target = loader.batch_sampler if loader.batch_sampler is not None else loader.dataset
+    target.set_epoch(epoch)
 
 
 class Progress:
@@ -151,7 +161,7 @@ def fit(
         steps = min(steps, stage.max_steps_per_epoch)
 
     for epoch in range(start_epoch, stage.epochs):
-        loader.batch_sampler.set_epoch(epoch)
+        _set_epoch(loader, epoch)
         progress = Progress(stage.name, epoch, stage.epochs, steps, rt, log_every)
         skipped = 0
         t_data = time.perf_counter()
@@ -172,15 +182,18 @@ def fit(
 
         train_means = progress.means()
         keys = sorted(train_means)
-        reduced = rt.all_reduce_sum([train_means[k] for k in keys] + [float(skipped)])
-        train_means = {f"train_{k}": v / rt.world_size for k, v in zip(keys, reduced[:-1], strict=True)}
-        skipped_total = int(reduced[-1])
+        reduced = rt.all_reduce_sum([train_means[k] for k in keys]
+                                    + [float(skipped), float(progress.samples)])
+        train_means = {f"train_{k}": v / rt.world_size
+                       for k, v in zip(keys, reduced[:-2], strict=True)}
+        skipped_total, samples_total = int(reduced[-2]), int(reduced[-1])
 
         metrics = stage.end_epoch(epoch, out)
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             **train_means,
             **metrics,
+            "samples": samples_total,  # trained on, all ranks
             "skipped_samples": skipped_total,
             "samples_per_s": progress.rate(),
         }
