@@ -19,19 +19,26 @@ def ensure_synthetic(cfg: DataConfig) -> None:
         ensure(Path(cfg.root), cfg.synth)
 
 
-def train_pairs(cfg: DataConfig, split: Split, images: ImageFolder, transform, *, rank: int,
-                world_size: int, seed: int, batch_size: int):
-    """The training pairs: streamed from `cfg.shards` when set, else read from the folder."""
+def open_training_data(cfg: DataConfig, transform, *, rank: int, world_size: int, seed: int,
+                       batch_size: int):
+    """(training pairs, validation split, image folder) for a training stage.
+
+    With `cfg.shards` the pairs stream from the shards (local or s3://) and the folder's train
+    CSV and images are never read; validation still reads the folder.
+    """
+    splits, images = open_dataset(cfg, ("valid",) if cfg.shards else ("train", "valid"))
     if cfg.shards:
         from geco.data.stream import ShardStream
 
-        return ShardStream.from_manifest(
+        train = ShardStream.from_manifest(
             cfg.shards, "train", transform=transform, rank=rank, world_size=world_size,
             seed=seed, batch_size=batch_size, on_bad=cfg.on_bad_image,
         )
-    from geco.data.datasets import PairDataset
+    else:
+        from geco.data.datasets import PairDataset
 
-    return PairDataset(split, images, transform, on_bad_image=cfg.on_bad_image)
+        train = PairDataset(splits["train"], images, transform, on_bad_image=cfg.on_bad_image)
+    return train, splits["valid"], images
 
 
 def open_dataset(

@@ -18,12 +18,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from geco.config import Config
 from geco.data.datasets import PairDataset
-from geco.data.source import ensure_synthetic, open_dataset, train_pairs
+from geco.data.source import open_training_data
 from geco.data.transforms import gan_transform
 from geco.losses import gan_g_loss
 from geco.models.cigm import Generator, build_cigm
-from geco.train.loop import fit
-from geco.train.runtime import Runtime, init_runtime, load_checkpoint, unwrap
+from geco.train.loop import fit_stage, start_runtime
+from geco.train.runtime import Runtime, load_checkpoint, unwrap
 from geco.train.samples import save_template_grid
 
 log = logging.getLogger("geco")
@@ -37,12 +37,10 @@ class CIGMStage:
         c = cfg.cigm
         self.epochs, self.batch_size = c.epochs, c.batch_size
         self.max_steps_per_epoch = c.max_steps_per_epoch
-        splits, images = open_dataset(cfg.data, ("train", "valid"))
         tf = gan_transform(cfg.data.image_size)
-        self.train_set = train_pairs(cfg.data, splits["train"], images, tf, rank=rt.rank,
-                                     world_size=rt.world_size, seed=cfg.runtime.seed,
-                                     batch_size=c.batch_size)
-        valid = splits["valid"]
+        self.train_set, valid, images = open_training_data(
+            cfg.data, tf, rank=rt.rank, world_size=rt.world_size, seed=cfg.runtime.seed,
+            batch_size=c.batch_size)
         n = min(c.n_samples, len(valid))
         self.sample_set = PairDataset(valid.subset(range(n)), images, tf)
 
@@ -120,14 +118,9 @@ class CIGMStage:
 
 
 def train_cigm(cfg: Config, run_dir: Path, *, resume: bool = True, on_epoch_end=None) -> dict:
-    rt = init_runtime(cfg.runtime)
-    if rt.is_main:
-        ensure_synthetic(cfg.data)
-    rt.barrier()
-    stage = CIGMStage(cfg, rt)
-    return fit(stage, rt, run_dir, cfg.to_dict(), seed=cfg.runtime.seed,
-               num_workers=cfg.data.num_workers, resume=resume,
-               log_every=cfg.runtime.log_every, on_epoch_end=on_epoch_end)
+    rt = start_runtime(cfg)
+    return fit_stage(CIGMStage(cfg, rt), rt, cfg, run_dir, resume=resume,
+                     on_epoch_end=on_epoch_end)
 
 
 def load_generator(path: str | Path, device: torch.device) -> tuple[Generator, dict[str, Any]]:

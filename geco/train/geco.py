@@ -16,15 +16,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from geco.config import Config
 from geco.data.datasets import PairDataset
-from geco.data.source import ensure_synthetic, open_dataset, train_pairs
+from geco.data.source import open_training_data
 from geco.data.transforms import imagenet_transform
 from geco.evaluate import Retriever, evaluate_split
 from geco.losses import geco_loss
 from geco.models.backbone import resnet18_features
 from geco.models.geco import GECo
 from geco.train.cigm import load_generator
-from geco.train.loop import fit
-from geco.train.runtime import Runtime, gather_rows, init_runtime, load_checkpoint, unwrap
+from geco.train.loop import fit_stage, start_runtime
+from geco.train.runtime import Runtime, gather_rows, load_checkpoint, unwrap
 from geco.train.samples import save_template_grid
 
 log = logging.getLogger("geco")
@@ -48,13 +48,11 @@ class GECoStage:
         g = cfg.geco
         self.epochs, self.batch_size = g.epochs, g.batch_size
         self.max_steps_per_epoch = g.max_steps_per_epoch
-        splits, self.images = open_dataset(cfg.data, ("train", "valid"))
-        self.valid = splits["valid"]
         size = cfg.data.image_size
         tf = imagenet_transform(size)
-        self.train_set = train_pairs(cfg.data, splits["train"], self.images, tf, rank=rt.rank,
-                                     world_size=rt.world_size, seed=cfg.runtime.seed,
-                                     batch_size=g.batch_size)
+        self.train_set, self.valid, self.images = open_training_data(
+            cfg.data, tf, rank=rt.rank, world_size=rt.world_size, seed=cfg.runtime.seed,
+            batch_size=g.batch_size)
         self.sample_set = PairDataset(self.valid.subset(range(min(8, len(self.valid)))),
                                       self.images, tf)
 
@@ -133,10 +131,7 @@ class GECoStage:
 
 
 def train_geco(cfg: Config, run_dir: Path, *, resume: bool = True, on_epoch_end=None) -> dict:
-    rt = init_runtime(cfg.runtime)
-    if rt.is_main:
-        ensure_synthetic(cfg.data)
-    rt.barrier()
+    rt = start_runtime(cfg)
     gen_path = cigm_path(cfg, run_dir)
     if not gen_path.is_file():
         from geco.errors import GecoError
@@ -147,10 +142,8 @@ def train_geco(cfg: Config, run_dir: Path, *, resume: bool = True, on_epoch_end=
         )
     # The resolved generator path travels with every GECo checkpoint (lineage, evaluation).
     cfg.geco.cigm_checkpoint = str(gen_path.resolve())
-    stage = GECoStage(cfg, rt, gen_path)
-    return fit(stage, rt, run_dir, cfg.to_dict(), seed=cfg.runtime.seed,
-               num_workers=cfg.data.num_workers, resume=resume,
-               log_every=cfg.runtime.log_every, on_epoch_end=on_epoch_end)
+    return fit_stage(GECoStage(cfg, rt, gen_path), rt, cfg, run_dir, resume=resume,
+                     on_epoch_end=on_epoch_end)
 
 
 def load_retriever(checkpoint: str | Path, device: torch.device) -> tuple[Retriever, dict]:

@@ -19,10 +19,12 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
+from geco.config import Config
 from geco.data.datasets import collate_skip
 from geco.data.sampler import EpochBatchSampler
+from geco.data.source import ensure_synthetic
 from geco.errors import DataError, GecoError
-from geco.train.runtime import Runtime, load_checkpoint, save_checkpoint
+from geco.train.runtime import Runtime, init_runtime, load_checkpoint, save_checkpoint
 
 log = logging.getLogger("geco")
 
@@ -245,6 +247,23 @@ def config_drift(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
         elif a != b and not dotted.startswith(_VOLATILE):
             out.append(f"{dotted}: {a!r} -> {b!r}")
     return out
+
+
+def start_runtime(cfg: Config) -> Runtime:
+    """Join DDP when launched that way; rank 0 generates the synthetic dataset if configured."""
+    rt = init_runtime(cfg.runtime)
+    if rt.is_main:
+        ensure_synthetic(cfg.data)
+    rt.barrier()
+    return rt
+
+
+def fit_stage(stage: Stage, rt: Runtime, cfg: Config, run_dir: Path, *, resume: bool = True,
+              on_epoch_end: Callable[[dict[str, Any], Path], None] | None = None) -> dict:
+    """`fit` with the run settings taken from the config (saved with every checkpoint)."""
+    return fit(stage, rt, run_dir, cfg.to_dict(), seed=cfg.runtime.seed,
+               num_workers=cfg.data.num_workers, resume=resume,
+               log_every=cfg.runtime.log_every, on_epoch_end=on_epoch_end)
 
 
 def _improves(selection: tuple[str, str] | None, metrics: dict[str, float], best: dict) -> bool:
