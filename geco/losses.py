@@ -123,11 +123,18 @@ def _floats(names: Sequence[str], values: Sequence[Tensor]) -> dict[str, float]:
     return dict(zip(names, torch.stack([v.detach() for v in values]).tolist(), strict=True))
 
 
+def gan_d_half(logits: Tensor, real: bool) -> Tensor:
+    """One half of the discriminator loss: ½·BCE(logits, 1 if real else 0), patch-averaged.
+
+    Training takes the halves separately (one backward per D call); gan_d_loss is their sum.
+    """
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    return 0.5 * F.binary_cross_entropy_with_logits(logits, target)
+
+
 def gan_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
     """½·[BCE(D(x,y), 1) + BCE(D(x,ŷ), 0)], averaged over every patch logit."""
-    real = F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
-    fake = F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
-    return 0.5 * (real + fake)
+    return gan_d_half(real_logits, True) + gan_d_half(fake_logits, False)
 
 
 def gan_g_loss(

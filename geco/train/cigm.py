@@ -13,14 +13,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from geco.config import Config
 from geco.data.datasets import PairDataset
 from geco.data.source import open_training_data
 from geco.data.transforms import gan_transform
-from geco.losses import gan_g_loss
+from geco.losses import gan_d_half, gan_g_loss
 from geco.models.cigm import Generator, build_cigm
 from geco.train.loop import fit_stage, start_runtime
 from geco.train.runtime import Runtime, load_checkpoint, unwrap
@@ -63,7 +62,7 @@ class CIGMStage:
         self.d.train()
         with rt.autocast():
             fake = self.g(x)
-        # Discriminator, L_D = ½·[BCE(D(x,y),1) + BCE(D(x,ŷ),0)] (= losses.gan_d_loss). Real and
+        # Discriminator, L_D = ½·[BCE(D(x,y),1) + BCE(D(x,ŷ),0)] (losses.gan_d_loss). Real and
         # fake are scored in separate calls, each with its own BatchNorm batch statistics as in
         # the reference, so each half gets its own backward; under DDP the first half
         # accumulates locally (no_sync) and the second all-reduces the sum once.
@@ -72,11 +71,11 @@ class CIGMStage:
         with sync_later:
             with rt.autocast():
                 d_real = self.d(x, y).float()
-            loss_real = 0.5 * F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+            loss_real = gan_d_half(d_real, real=True)
             loss_real.backward()
         with rt.autocast():
             d_fake = self.d(x, fake.detach()).float()
-        loss_fake = 0.5 * F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake))
+        loss_fake = gan_d_half(d_fake, real=False)
         loss_fake.backward()
         self.opt_d.step()
         loss_d = loss_real.detach() + loss_fake.detach()
