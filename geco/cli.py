@@ -97,8 +97,8 @@ def cmd_train(stage: str, cfg: Config, run_dir: Path, resume: bool, cigm: str | 
 
 def cmd_evaluate(cfg: Config, run_dir: Path, split: str, out: str | None,
                  checkpoint: str | None) -> dict:
-    from geco.data.source import open_dataset
-    from geco.evaluate import evaluate_split, format_tables
+    from geco.data.source import open_eval_data
+    from geco.evaluate import format_tables
     from geco.train.geco import load_retriever
     from geco.train.runtime import init_runtime
 
@@ -108,12 +108,11 @@ def cmd_evaluate(cfg: Config, run_dir: Path, split: str, out: str | None,
     trained = ckpt["config"]
     # The data and image size the model was trained with, unless the user points elsewhere.
     cfg.data.image_size = trained["data"]["image_size"]
-    splits, images = open_dataset(cfg.data, (split,))
-    metrics = evaluate_split(retriever, splits[split], images, rt=rt,
-                             image_size=cfg.data.image_size, batch_size=cfg.eval.batch_size,
-                             seed=cfg.eval.seed, ties=cfg.eval.ties,
-                             num_workers=cfg.data.num_workers)
-    result = {"split": split, "dataset": cfg.data.root, "checkpoint": str(ckpt_path),
+    data = open_eval_data(cfg.data, split)
+    metrics = data.evaluate(retriever, rt=rt, image_size=cfg.data.image_size,
+                            batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+                            ties=cfg.eval.ties, num_workers=cfg.data.num_workers)
+    result = {"split": split, "dataset": data.where, "checkpoint": str(ckpt_path),
               "epoch": ckpt["epoch"] + 1, **metrics}
     out_path = Path(out) if out else run_dir / f"metrics_{split}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -34,8 +34,8 @@ class DataConfig:
     on_bad_image: str = "error"  # error | skip: images that fail to decode during training
     num_workers: int = 2
     # Training pairs streamed from WebDataset shards (`geco data shard`): a folder or an
-    # s3://bucket/prefix holding manifest.json. Empty = read pairs from `root` directly.
-    # Validation and test still read `root`.
+    # s3://bucket/prefix holding manifest.json; validation and test then read the shards'
+    # eval and catalogue sets too, and `root` is not read. Empty = read `root` directly.
     shards: str = ""
     # Generate the synthetic dataset into `root` when it is missing (embedded default).
     synthetic: bool = False

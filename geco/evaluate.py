@@ -111,22 +111,134 @@ def evaluate_split(
                           batch_size=batch_size, num_workers=num_workers,
                           contexts=[split.where(r) for r in first_row])
 
-    pos_idx = torch.tensor([order[b] for b in split.bottoms])
-    neg_idx = torch.tensor([[order[b] for b in negs] for negs in split.negatives])
+    metrics = score_rows(queries, bottoms, order, list(split.bottoms), list(split.negatives),
+                         ties=ties)
+    metrics["eval_seconds"] = time.perf_counter() - t0
+    return metrics
+
+
+def score_rows(queries: torch.Tensor, bottoms: torch.Tensor, order: dict[str, int],
+               positives: list[str], negatives: list[list[str]], *, ties: str = "expected"
+               ) -> dict[str, Any]:
+    """Every metric from embedded rows: `queries[r]` scores `positives[r]` against
+    `negatives[r]`; `bottoms[order[id]]` is an item's embedding. The full-ranking pool is the
+    unique positive bottoms in first-appearance order (REFERENCE §4)."""
+    pos_idx = torch.tensor([order[b] for b in positives])
+    neg_idx = torch.tensor([[order[b] for b in negs] for negs in negatives])
     pos = (queries * bottoms[pos_idx]).sum(-1)
     neg = torch.einsum("rd,rkd->rk", queries, bottoms[neg_idx])
     metrics: dict[str, Any] = sampled_metrics(pos, neg, ties=ties)
 
-    # Full ranking (Table 2): pool = unique positive bottoms, first-appearance order.
-    pool_ids = split.unique_bottoms()
+    pool_ids = list(dict.fromkeys(positives))
     pool_pos = {b: i for i, b in enumerate(pool_ids)}
     pool = bottoms[torch.tensor([order[b] for b in pool_ids])]
-    pool_index = torch.tensor([pool_pos[b] for b in split.bottoms])
+    pool_index = torch.tensor([pool_pos[b] for b in positives])
     metrics.update(full_ranking_metrics(queries, pool, pool_index, ties=ties))
-    metrics["n_queries"], metrics["n_candidates"] = n_rows, len(pool_ids)
+    metrics["n_queries"], metrics["n_candidates"] = len(positives), len(pool_ids)
     rnd = random_expectations(len(pool_ids))
     metrics["random_mrr_full"] = rnd["mrr"]
     metrics["mrr_full_vs_random"] = metrics["mrr_full"] / rnd["mrr"]
+    return metrics
+
+
+def _stream_loader(stream, num_workers: int, rt: Runtime) -> DataLoader:
+    return DataLoader(stream, batch_size=None, num_workers=num_workers,
+                      pin_memory=rt.device.type == "cuda")
+
+
+@torch.no_grad()
+def embed_catalogue(retriever: Retriever, root: str, name: str, *, rt: Runtime,
+                    image_size: int, batch_size: int = 128, num_workers: int = 0,
+                    manifest: dict[str, Any] | None = None, on_bad: str = "error",
+                    ) -> tuple[list[str], torch.Tensor, int]:
+    """(ids, [N, d] embeddings, skipped) of a catalogue shard set ("catalogue-test", ...):
+    the candidate side of retrieval, each bottom embedded once."""
+    from geco.data.stream import ShardStream
+    from geco.errors import DataError
+
+    stream = ShardStream.from_manifest(root, name, manifest, kind="catalogue",
+                                       transform=imagenet_transform(image_size),
+                                       batch_size=batch_size, on_bad=on_bad)
+    ids: list[str] = []
+    out: list[torch.Tensor] = []
+    skipped = 0
+    for batch in _stream_loader(stream, num_workers, rt):
+        if batch is None:
+            raise DataError(f"{root}: every image of a {name} batch was unreadable; "
+                            "see the warnings above")
+        skipped += batch["skipped"]
+        with rt.autocast():
+            out.append(retriever.bottoms(rt.to_device(batch["image"])).float().cpu())
+        ids += batch["id"]
+    return ids, (torch.cat(out) if out else torch.empty(0)), skipped
+
+
+@torch.no_grad()
+def evaluate_shards(
+    retriever: Retriever, root: str, split: str, *, rt: Runtime, image_size: int,
+    batch_size: int = 128, seed: int = 1234, ties: str = "expected", num_workers: int = 0,
+    manifest: dict[str, Any] | None = None, on_bad: str = "error",
+) -> dict[str, Any]:
+    """evaluate_split for shards (`geco data shard`, local or s3://): the split's eval shards
+    give the rows, its catalogue shards the bottoms, each embedded once.
+
+    A row's template noise is drawn for its row number in the source split, so shards written
+    from a folder score like the folder (up to JPEG re-encoding). In skip mode, unreadable
+    samples and rows whose bottoms are missing from the catalogue are counted, not scored.
+    """
+    from geco.data.stream import ShardStream, load_manifest
+    from geco.errors import DataError
+
+    t0 = time.perf_counter()
+    manifest = manifest if manifest is not None else load_manifest(root)
+    entry = manifest["splits"].get(split)
+    if entry is None or entry.get("kind") != "eval":
+        raise DataError(f"{root}: no eval shards for split {split!r} "
+                        f"(has: {', '.join(sorted(manifest['splits']))})")
+    retriever.generator.eval()
+    retriever.model.eval()
+    ids, bottoms, skipped = embed_catalogue(
+        retriever, root, f"catalogue-{split}", rt=rt, image_size=image_size,
+        batch_size=batch_size, num_workers=num_workers, manifest=manifest, on_bad=on_bad)
+    order = {item: i for i, item in enumerate(ids)}
+
+    n_rows = int(entry["samples"]) + int(entry.get("skipped", 0))
+    noise = torch.randn(n_rows, retriever.generator.noise_dim,
+                        generator=torch.Generator().manual_seed(seed))
+    stream = ShardStream.from_manifest(root, split, manifest, kind="eval",
+                                       transform=imagenet_transform(image_size),
+                                       batch_size=batch_size, on_bad=on_bad)
+    rows: list[tuple[int, torch.Tensor, str, list[str]]] = []
+    for batch in _stream_loader(stream, num_workers, rt):
+        if batch is None:
+            raise DataError(f"{root}: every sample of a {split} batch was unreadable; "
+                            "see the warnings above")
+        skipped += batch["skipped"]
+        index = batch["index"]
+        if int(index.max()) >= n_rows:
+            raise DataError(f"{root}: {split} row {int(index.max())} beyond the manifest's "
+                            f"{n_rows} rows (manifest out of date?)")
+        with rt.autocast():
+            q = retriever.queries(rt.to_device(batch["top"]), noise[index].to(rt.device))
+        q = q.float().cpu()
+        for i, r in enumerate(index.tolist()):
+            rows.append((r, q[i], batch["bottom_id"][i], batch["negatives"][i]))
+    rows.sort(key=lambda row: row[0])
+    usable = [row for row in rows if all(b in order for b in (row[2], *row[3]))]
+    if len(usable) < len(rows):
+        missing = next(b for row in rows for b in (row[2], *row[3]) if b not in order)
+        err = DataError(f"{root}: {len(rows) - len(usable)} {split} rows mention bottoms absent "
+                        f"from catalogue-{split} (e.g. {missing!r})")
+        if on_bad == "error":
+            raise err
+        log.warning("skipping rows: %s", err)
+        skipped += len(rows) - len(usable)
+    if not usable:
+        raise DataError(f"{root}: no {split} rows left to evaluate")
+    queries = torch.stack([row[1] for row in usable])
+    metrics = score_rows(queries, bottoms, order, [row[2] for row in usable],
+                         [row[3] for row in usable], ties=ties)
+    metrics["skipped"] = skipped
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics
 

@@ -93,6 +93,64 @@ def test_evaluate_is_deterministic_and_complete(trained, synth_small, tmp_path):
     assert on_disk["auc_1vs1"] == a["auc_1vs1"]
 
 
+def _shard_test_split(synth_small: Path, out: Path) -> Path:
+    from geco.data.images import ImageFolder
+    from geco.data.shards import ShardSpec, write_shards
+    from geco.data.splits import load_splits, resolve_layout
+
+    layout = resolve_layout(synth_small)
+    splits = load_splits(layout, splits=("valid", "test"))
+    spec = ShardSpec(image_size=32, samples_per_shard=30, catalogue_per_shard=40)
+    write_shards(splits, ImageFolder(layout.img_dir), out, spec, source="synth_small")
+    return out
+
+
+def test_evaluate_from_shards_equals_the_folder_with_the_same_bytes(trained, synth_small,
+                                                                    tmp_path):
+    """Shard evaluation (eval rows + catalogue, several shards, 2 workers) scores exactly like
+    folder evaluation of a folder holding the shards' own JPEG bytes; the dataset folder is not
+    read at all (data.root points nowhere)."""
+    run, _ = trained
+    shards = _shard_test_split(synth_small, tmp_path / "shards")
+    mirror = tmp_path / "mirror"
+    shutil.copytree(synth_small / "files", mirror / "files")
+    (mirror / "img").mkdir()
+    import tarfile
+
+    for tar in sorted(shards.glob("*test-*.tar")):
+        with tarfile.open(tar) as tf:
+            members = {m.name: tf.extractfile(m).read() for m in tf.getmembers()}
+        for name, data in members.items():
+            key, ext = name.split(".", 1)
+            if ext != "meta.json":
+                continue
+            meta = json.loads(data)
+            if "id" in meta:
+                (mirror / "img" / f"{meta['id']}.jpg").write_bytes(members[f"{key}.bottom.jpg"])
+            else:
+                (mirror / "img" / f"{meta['top']}.jpg").write_bytes(members[f"{key}.top.jpg"])
+    folder = cmd_evaluate(tiny(mirror), run, "test", str(tmp_path / "f.json"), None)
+    sharded = cmd_evaluate(tiny(tmp_path / "nowhere", f"data.shards={shards}",
+                                "data.num_workers=2", "eval.batch_size=7"),
+                           run, "test", str(tmp_path / "s.json"), None)
+    for k in ("auc_1vs1", "auc_1vs3", "mrr_1vs9", "mrr_full", "recall_at_10", "ndcg_at_10",
+              "n_queries", "n_candidates"):
+        assert sharded[k] == pytest.approx(folder[k], abs=1e-6), k
+    assert sharded["n_queries"] == 100 and sharded["skipped"] == 0
+    assert str(shards) in sharded["dataset"]
+
+
+def test_evaluate_from_shards_names_a_missing_catalogue_shard(trained, synth_small, tmp_path):
+    run, _ = trained
+    shards = _shard_test_split(synth_small, tmp_path / "shards")
+    victim = sorted(shards.glob("catalogue-test-*.tar"))[-1]
+    victim.unlink()
+    with pytest.raises(DataError, match=victim.name):
+        cmd_evaluate(tiny(synth_small, f"data.shards={shards}"), run, "test", None, None)
+    with pytest.raises(DataError, match="no eval split 'train'"):
+        cmd_evaluate(tiny(synth_small, f"data.shards={shards}"), run, "train", None, None)
+
+
 def test_unreadable_training_image_is_named_or_counted(synth_small, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synth_small, data)

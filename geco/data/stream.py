@@ -382,7 +382,8 @@ class ShardStream(IterableDataset):
             out = {"top": self._img(sample, "top.jpg"), "bottom": self._img(sample, "bottom.jpg"),
                    "index": int(meta["row"])}
             if self.kind == "eval":
-                out["negatives"] = list(json.loads(sample["neg.json"]))
+                out["negatives"] = [str(n) for n in json.loads(sample["neg.json"])]
+                out["top_id"], out["bottom_id"] = str(meta["top"]), str(meta["bottom"])
             return out
         except (ValueError, KeyError, TypeError) as exc:
             err = DataError(f"shard {sample['__url__']}: sample {sample['__key__']!r}: bad "
@@ -408,7 +409,8 @@ class ShardStream(IterableDataset):
         out["bottom"] = self._stack([g["bottom"] for g in good])
         out["index"] = torch.tensor([g["index"] for g in good], dtype=torch.int64)
         if self.kind == "eval":
-            out["negatives"] = [g["negatives"] for g in good]
+            for key in ("negatives", "top_id", "bottom_id"):
+                out[key] = [g[key] for g in good]
         return out
 
 

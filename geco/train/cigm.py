@@ -16,7 +16,6 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from geco.config import Config
-from geco.data.datasets import PairDataset
 from geco.data.source import open_training_data
 from geco.data.transforms import gan_transform
 from geco.losses import gan_d_half, gan_g_loss
@@ -37,11 +36,10 @@ class CIGMStage:
         self.epochs, self.batch_size = c.epochs, c.batch_size
         self.max_steps_per_epoch = c.max_steps_per_epoch
         tf = gan_transform(cfg.data.image_size)
-        self.train_set, valid, images = open_training_data(
+        self.train_set, valid = open_training_data(
             cfg.data, tf, rank=rt.rank, world_size=rt.world_size, seed=cfg.runtime.seed,
             batch_size=c.batch_size)
-        n = min(c.n_samples, len(valid))
-        self.sample_set = PairDataset(valid.subset(range(n)), images, tf)
+        self.sample_set = valid.sample_pairs(c.n_samples, tf) if rt.is_main else []
 
         g, d = build_cigm(c.features, c.noise_dim, cfg.data.image_size,
                           init_discriminator=c.init_discriminator)

@@ -15,10 +15,9 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from geco.config import Config
-from geco.data.datasets import PairDataset
 from geco.data.source import open_training_data
 from geco.data.transforms import imagenet_transform
-from geco.evaluate import Retriever, evaluate_split
+from geco.evaluate import Retriever
 from geco.losses import geco_loss
 from geco.models.backbone import resnet18_features
 from geco.models.geco import GECo
@@ -50,11 +49,10 @@ class GECoStage:
         self.max_steps_per_epoch = g.max_steps_per_epoch
         size = cfg.data.image_size
         tf = imagenet_transform(size)
-        self.train_set, self.valid, self.images = open_training_data(
+        self.train_set, self.valid = open_training_data(
             cfg.data, tf, rank=rt.rank, world_size=rt.world_size, seed=cfg.runtime.seed,
             batch_size=g.batch_size)
-        self.sample_set = PairDataset(self.valid.subset(range(min(8, len(self.valid)))),
-                                      self.images, tf)
+        self.sample_set = self.valid.sample_pairs(8, tf) if rt.is_main else []
 
         self.generator, gen_cfg = load_generator(generator_path, rt.device)
         if gen_cfg["data"]["image_size"] != size:
@@ -102,9 +100,8 @@ class GECoStage:
         self.sched.step()
         metrics: dict[str, float] = {}
         if self.rt.is_main:
-            m = evaluate_split(
-                self.retriever, self.valid, self.images, rt=self.rt,
-                image_size=self.cfg.data.image_size, batch_size=self.cfg.eval.batch_size,
+            m = self.valid.evaluate(
+                self.retriever, rt=self.rt, image_size=self.cfg.data.image_size, batch_size=self.cfg.eval.batch_size,
                 seed=self.cfg.eval.seed, ties=self.cfg.eval.ties,
                 num_workers=self.cfg.data.num_workers,
             )
