@@ -108,12 +108,31 @@ class RuntimeConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Ray Train settings (ray_jobs/); ignored by the plain `geco` command."""
+
+    name: str = "geco"  # Ray run names <name>-cigm and <name>-geco; same name = resume
+    # Where Ray Train keeps checkpoints and results: s3://bucket/prefix, or a local path every
+    # node can see (relative paths resolve against the job's working directory).
+    storage_path: str = "runs/ray"
+    num_workers: int = 2  # DDP ranks
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # with use_gpu
+    num_to_keep: int = 0  # checkpoints kept per stage; 0 = all
+    max_failures: int = 2  # worker-group restarts from the last checkpoint; -1 = unlimited
+    eval_cpus: float = 1.0  # the test-split evaluation task
+    eval_gpus: float = 0.0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     cigm: CIGMConfig = field(default_factory=CIGMConfig)
     geco: GECoConfig = field(default_factory=GECoConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -150,6 +169,16 @@ class Config:
         for key, betas in (("cigm.betas", self.cigm.betas), ("geco.betas", g.betas)):
             if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
                 raise ConfigError(f"{key}={betas}: Adam betas must be two numbers in [0, 1)")
+        c = self.cluster
+        if c.num_workers < 1:
+            raise ConfigError(f"cluster.num_workers={c.num_workers}: must be >= 1")
+        if c.num_to_keep < 0 or c.max_failures < -1:
+            raise ConfigError("cluster.num_to_keep must be >= 0 and cluster.max_failures >= -1")
+        if c.cpus_per_worker <= 0 or (c.use_gpu and c.gpus_per_worker <= 0):
+            raise ConfigError("cluster.cpus_per_worker (and gpus_per_worker with use_gpu) "
+                              "must be > 0")
+        if not c.name or "/" in c.name:
+            raise ConfigError(f"cluster.name={c.name!r}: a non-empty name without '/'")
         if self.data.n_negatives < 3:
             raise ConfigError(f"data.n_negatives={self.data.n_negatives}: AUC-1vs3 needs >= 3")
         return self

@@ -143,8 +143,10 @@ def train_geco(cfg: Config, run_dir: Path, *, resume: bool = True, on_epoch_end=
                      on_epoch_end=on_epoch_end)
 
 
-def load_retriever(checkpoint: str | Path, device: torch.device) -> tuple[Retriever, dict]:
-    """Rebuild the retriever from a GECo checkpoint (its config names the CIGM it used)."""
+def load_retriever(checkpoint: str | Path, device: torch.device,
+                   generator_path: str | Path | None = None) -> tuple[Retriever, dict]:
+    """Rebuild the retriever from a GECo checkpoint (its config names the CIGM it used, unless
+    `generator_path` gives the generator's file, e.g. one fetched from a Ray checkpoint)."""
     from geco.config import config_from_dict
 
     ckpt = load_checkpoint(checkpoint)
@@ -154,5 +156,5 @@ def load_retriever(checkpoint: str | Path, device: torch.device) -> tuple[Retrie
     model = build_model(cfg)
     model.load_state_dict(ckpt["state"]["model"])
     model.eval().to(device)
-    generator, _ = load_generator(cfg.geco.cigm_checkpoint, device)
+    generator, _ = load_generator(generator_path or cfg.geco.cigm_checkpoint, device)
     return Retriever(generator, model, faithful=cfg.geco.faithful), ckpt

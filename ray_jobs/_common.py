@@ -1,0 +1,42 @@
+"""Shared argument handling for the Ray job entrypoints (kept thin: the work is in geco.cluster)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+# `ray job submit --working-dir .` runs from a copy of the repository: make `geco` importable
+# from it even where the package is not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--config", help="YAML config (see configs/)")
+    p.add_argument("--name", help="Ray run name prefix (cluster.name); same name = resume")
+    p.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else auto)")
+    p.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    return p
+
+
+def load(args):
+    from geco.config import load_config
+
+    overrides = list(args.overrides)
+    if args.name:
+        overrides.append(f"cluster.name={args.name}")
+    return load_config(args.config, overrides)
+
+
+def run(main) -> None:
+    """Run `main()`; a geco error ends the job with one clear message and exit status 2."""
+    from geco.cli import _setup_logging
+    from geco.errors import GecoError
+
+    _setup_logging()
+    try:
+        main()
+    except GecoError as exc:
+        print(f"geco: error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,25 @@
+"""Ray job: train CIGM (stage 1) with Ray Train DDP; resumable by run name.
+
+    ray job submit --address http://127.0.0.1:8265 --runtime-env RUNTIME_ENV.json -- \
+        python ray_jobs/train_cigm.py --config configs/synthetic-cpu.yaml --name demo
+"""
+
+from __future__ import annotations
+
+from _common import load, parser, run
+
+
+def main() -> None:
+    args = parser(__doc__.splitlines()[0]).parse_args()
+    cfg = load(args)
+    from geco.cluster.ray_train import connect, preflight, run_stage
+
+    preflight(cfg)
+    connect(args.address)
+    result = run_stage(cfg, "cigm")
+    print(f"CIGM checkpoint: {result.checkpoint.path}")
+    print(f"  reuse it: ray_jobs/train_geco.py --cigm {result.checkpoint.path} ...")
+
+
+if __name__ == "__main__":
+    run(main)
