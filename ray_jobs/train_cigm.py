@@ -12,13 +12,20 @@ from _common import load, parser, run
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     cfg = load(args)
-    from geco.cluster.ray_train import connect, preflight, run_stage
+    from geco.cluster.ray_train import (
+        checkpoint_uri,
+        connect,
+        preflight,
+        reported_epochs,
+        run_stage,
+    )
 
     preflight(cfg)
     connect(args.address)
     result = run_stage(cfg, "cigm")
-    print(f"CIGM checkpoint: {result.checkpoint.path}")
-    print(f"  reuse it: ray_jobs/train_geco.py --cigm {result.checkpoint.path} ...")
+    uri = checkpoint_uri(result.checkpoint)
+    print(f"CIGM checkpoint: {uri} (epochs reported: {reported_epochs(result)})")
+    print(f"  reuse it: ray_jobs/train_geco.py --cigm {uri} ...")
 
 
 if __name__ == "__main__":

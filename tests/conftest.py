@@ -56,4 +56,5 @@ def pytest_collection_modifyitems(config, items):
 
 
 # A real SeaweedFS S3 server on loopback (auth on), started once per session when a test asks.
+from tests.ray_cluster import ray_head  # noqa: E402, F401
 from tests.s3_server import s3_env, s3_server  # noqa: E402, F401

@@ -76,6 +76,16 @@ class S3Server:
             "AWS_DEFAULT_REGION": "us-east-1",
         }
 
+    @property
+    def profile_env(self) -> dict[str, str]:
+        """The same, through the AWS credentials file s3.sh writes: no secret in the values
+        (what a Ray runtime environment carries)."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_SHARED_CREDENTIALS_FILE": str(self.dir / "aws-credentials"),
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+
     def client(self, **overrides):
         """A boto3 client for this server (overrides: e.g. aws_secret_access_key='wrong')."""
         import boto3

@@ -36,7 +36,10 @@ log = logging.getLogger("geco")
 
 STAGES = ("cigm", "geco")
 # Test hook: "<stage>:<rank>:<steps>:<marker file>" makes that rank SIGKILL itself after that
-# many training steps of that stage, once (the marker file records that it happened).
+# many training steps of that stage, once (the marker file records that it happened). It waits
+# a few seconds first: Ray Train collects reports when it polls the workers (every 2 s), and a
+# report not yet collected when the group dies is lost with it (that epoch is then retrained).
+# The test wants to kill mid-epoch, not race the poll.
 FAULT_ENV = "GECO_FAULT_KILL"
 _PACKED = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml")
 
@@ -52,6 +55,12 @@ def storage_path(path: str) -> str:
 
 def run_name(cfg: Config, stage: str) -> str:
     return f"{cfg.cluster.name}-{stage}"
+
+
+def checkpoint_uri(checkpoint) -> str:
+    """A Ray checkpoint's location as a URI users can paste (s3://... or a local path)."""
+    kind = getattr(getattr(checkpoint, "filesystem", None), "type_name", "local")
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
 
 
 def _write_text(root: str, name: str, text: str) -> str:
@@ -85,7 +94,7 @@ def _unpack(checkpoint, stage: str, work: Path) -> None:
     with checkpoint.as_directory() as d:
         src = Path(d) / stage
         if not (src / "last.pt").is_file():
-            raise GecoError(f"checkpoint {checkpoint.path} holds no {stage}/last.pt")
+            raise GecoError(f"checkpoint {checkpoint_uri(checkpoint)} holds no {stage}/last.pt")
         shutil.copytree(src, work / stage, dirs_exist_ok=True)
 
 
@@ -140,6 +149,7 @@ def _arm_fault(stage, rank: int) -> None:
         count[0] += 1
         if count[0] > int(f_steps) and not os.path.exists(marker):
             Path(marker).write_text(f"{stage.name} rank {rank} killed after {count[0] - 1} steps\n")
+            time.sleep(5)
             os.kill(os.getpid(), signal.SIGKILL)
         return inner(batch)
 
@@ -175,7 +185,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         restored = ray.train.get_checkpoint()
         if restored is not None:
             _unpack(restored, name, work)
-            log.info("[%s] rank %d restored %s", name, rank, restored.path)
+            log.info("[%s] rank %d restored %s", name, rank, checkpoint_uri(restored))
         from geco.train.loop import fit_stage, start_runtime
 
         rt = start_runtime(cfg)
@@ -292,7 +302,7 @@ def run_stage(cfg: Config, stage: str, *, cigm: Any = None):
     resources = {"CPU": c.cpus_per_worker}
     if c.use_gpu:
         resources["GPU"] = c.gpus_per_worker
-    cigm_uri = getattr(cigm, "path", cigm) if cigm is not None else None
+    cigm_uri = cigm if isinstance(cigm, str) or cigm is None else checkpoint_uri(cigm)
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"stage": stage, "config": cfg.to_dict(), "cigm": cigm,
@@ -315,7 +325,8 @@ def run_stage(cfg: Config, stage: str, *, cigm: Any = None):
     if result.checkpoint is None:
         raise GecoError(f"{run_name(cfg, stage)}: Ray Train finished without a checkpoint")
     log.info("[%s] Ray Train run %s done in %.1f min; latest checkpoint %s", stage,
-             run_name(cfg, stage), (time.perf_counter() - t0) / 60, result.checkpoint.path)
+             run_name(cfg, stage), (time.perf_counter() - t0) / 60,
+             checkpoint_uri(result.checkpoint))
     return result
 
 
@@ -338,13 +349,14 @@ def train_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
         cigm_uri = cigm
     else:
         cigm_result = run_stage(cfg, "cigm")
-        cigm_source, cigm_uri = cigm_result.checkpoint, cigm_result.checkpoint.path
+        cigm_source = cigm_result.checkpoint
+        cigm_uri = checkpoint_uri(cigm_source)
     geco_result = run_stage(cfg, "geco", cigm=cigm_source)
     c = cfg.cluster
     task = ray.remote(num_cpus=c.eval_cpus, num_gpus=c.eval_gpus)(evaluate_checkpoint)
     metrics = ray.get(task.remote(geco_result.checkpoint, cigm_source, cfg.to_dict(), split))
     result = {**metrics, "run": run_name(cfg, "geco"), "cigm": str(cigm_uri),
-              "geco_checkpoint": str(geco_result.checkpoint.path),
+              "geco_checkpoint": checkpoint_uri(geco_result.checkpoint),
               "reported_epochs": reported_epochs(geco_result),
               "pipeline_seconds": time.perf_counter() - t0}
     root = f"{storage_path(c.storage_path)}/{run_name(cfg, 'geco')}"
