@@ -6,19 +6,37 @@ CONFIG ?= configs/synthetic-cpu.yaml
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo demo-local stop test lint bench gpu-smoke clean
+.PHONY: venv demo demo-torch demo-local stop test lint bench gpu-smoke clean
 
 venv:
 	@bash scripts/setup_venv.sh
 
 SHARDS ?= s3://geco/synthetic
+NAME ?= demo
+RAY_STORAGE ?= s3://geco/ray
+# Batch sizes are per DDP worker: 2 workers x 16 = the 32-pair batch of $(CONFIG).
+RAY_ARGS ?= cluster.num_workers=2 cigm.batch_size=16 geco.batch_size=16
 
-# Synthetic outfits -> WebDataset shards in the local S3 server (SeaweedFS on 127.0.0.1) ->
-# CIGM -> GECo (training pairs streamed from S3) -> test metrics. Resumes if interrupted.
+# The main job: synthetic outfits -> WebDataset shards in the local S3 server (SeaweedFS on
+# 127.0.0.1) -> `ray job submit` to a local Ray head (127.0.0.1) -> CIGM then GECo with Ray
+# Train DDP on 2 CPU workers, data streamed from S3 -> test metrics next to the checkpoints
+# in s3://geco/ray/$(NAME)-geco/. Re-running resumes the runs of the same NAME.
 demo: venv
 	bash infra/local/s3.sh start
 	bash infra/local/s3.sh bucket $(word 2,$(subst /, ,$(SHARDS)))
-	eval "$$(bash infra/local/s3.sh env)" && \
+	eval "$$(bash infra/local/s3.sh profile-env)" && \
+	  $(PY) -m geco.cli data shard --out $(SHARDS) --config $(CONFIG) --image-size 64
+	bash infra/local/ray.sh start
+	eval "$$(bash infra/local/ray.sh env)" && \
+	  $(VENV)/bin/ray job submit --runtime-env "$$(bash infra/local/ray.sh runtime-env)" -- \
+	  python ray_jobs/train_geco.py --config $(CONFIG) --name $(NAME) \
+	  data.shards=$(SHARDS) cluster.storage_path=$(RAY_STORAGE) $(RAY_ARGS)
+
+# The same two stages in one process, without Ray (shards from S3 when SHARDS is set up).
+demo-torch: venv
+	bash infra/local/s3.sh start
+	bash infra/local/s3.sh bucket $(word 2,$(subst /, ,$(SHARDS)))
+	eval "$$(bash infra/local/s3.sh profile-env)" && \
 	  $(PY) -m geco.cli data shard --out $(SHARDS) --config $(CONFIG) --image-size 64 && \
 	  $(PY) -m geco.cli pipeline --config $(CONFIG) --run-dir $(RUN_DIR) data.shards=$(SHARDS)
 
@@ -27,15 +45,16 @@ demo-local: venv
 	$(PY) -m geco.cli pipeline --config $(CONFIG) --run-dir runs/demo-local
 
 stop:
+	bash infra/local/ray.sh stop
 	bash infra/local/s3.sh stop
 
 # Lint, then every test that needs no GPU (GPU tests skip themselves without CUDA).
 test: venv
-	$(VENV)/bin/ruff check geco tests bench scripts
+	$(VENV)/bin/ruff check geco ray_jobs tests bench scripts
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: venv
-	$(VENV)/bin/ruff check geco tests bench scripts
+	$(VENV)/bin/ruff check geco ray_jobs tests bench scripts
 
 bench: venv
 	$(PY) bench/bench_mrr.py

@@ -126,6 +126,24 @@ class ClusterConfig:
 
 
 @dataclass
+class TrackingConfig:
+    """MLflow tracking (geco.tracking); used by the Ray jobs and `geco pipeline`."""
+
+    enabled: bool = True
+    # Tracking server or store; empty = $MLFLOW_TRACKING_URI, else a local sqlite store
+    # (sqlite:///<cwd>/runs/mlflow.db).
+    uri: str = ""
+    experiment: str = "geco"
+    # fail | warn: an unreachable server stops the run (named), or the run goes on untracked
+    # with a warning; never silently.
+    on_error: str = "fail"
+    registered_model: str = "geco-retriever"
+    # Promotion gate: the candidate's validation metric must beat the champion's by `margin`.
+    gate_metric: str = "valid_auc_1vs1"
+    gate_margin: float = 0.0
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     cigm: CIGMConfig = field(default_factory=CIGMConfig)
@@ -133,6 +151,7 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -169,6 +188,9 @@ class Config:
         for key, betas in (("cigm.betas", self.cigm.betas), ("geco.betas", g.betas)):
             if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
                 raise ConfigError(f"{key}={betas}: Adam betas must be two numbers in [0, 1)")
+        _choice("tracking.on_error", self.tracking.on_error, ("fail", "warn"))
+        if not math.isfinite(self.tracking.gate_margin):
+            raise ConfigError(f"tracking.gate_margin={self.tracking.gate_margin}: not a number")
         c = self.cluster
         if c.num_workers < 1:
             raise ConfigError(f"cluster.num_workers={c.num_workers}: must be >= 1")

@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # Create/refresh the project's virtual environment. Idempotent: a stamp records what was
-# installed (hash of pyproject.toml); a second run with nothing changed does nothing.
+# installed (hash of pyproject.toml and this script); a second run with nothing changed does
+# nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 PYTHON=${PYTHON:-python3.11}
 command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
 stamp="$VENV/.geco-installed"
-want=$(sha256sum pyproject.toml | cut -d' ' -f1)
+want=$(cat pyproject.toml "$0" | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
@@ -18,6 +19,6 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch/torchvision first and pinned: on this kind of machine pip takes them from local disk.
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-"$VENV/bin/python" -m pip install -q -e ".[dev,data]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,data,orchestration]"
 echo "$want" > "$stamp"
 echo "environment ready: $VENV"

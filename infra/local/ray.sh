@@ -76,6 +76,7 @@ port_busy() {
     "$PYTHON" - "$1" <<'EOF'
 import socket, sys
 s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers will; TIME_WAIT is fine
 try:
     s.bind(("127.0.0.1", int(sys.argv[1])))
 except OSError:

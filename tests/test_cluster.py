@@ -1,0 +1,130 @@
+"""geco.cluster.ray_train's pieces that need no Ray cluster: config checks, storage paths,
+parameter digests, generator sources, checkpoint packing, failure messages."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from geco.cluster import ray_train as rt
+from geco.config import load_config
+from geco.errors import ConfigError, DataError, GecoError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("override, match", [
+    ("cluster.num_workers=0", "cluster.num_workers"),
+    ("cluster.name=a/b", "cluster.name"),
+    ("cluster.max_failures=-2", "max_failures"),
+    ("cluster.cpus_per_worker=0", "cpus_per_worker"),
+])
+def test_impossible_cluster_settings_are_refused(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override])
+
+
+def test_storage_path_is_absolute_or_a_uri(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert rt.storage_path("runs/ray") == str(tmp_path / "runs" / "ray")
+    assert rt.storage_path("s3://bucket/prefix/") == "s3://bucket/prefix"
+
+
+def test_param_digest_tells_identical_weights_from_different_ones():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    b = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
+    b.load_state_dict(a.state_dict())
+    b[1].running_mean += 1  # buffers are not parameters: DDP ranks may differ there
+    assert rt.param_digest([a]) == rt.param_digest([b])
+    with torch.no_grad():
+        b[0].weight[0, 0] += 1e-6
+    assert rt.param_digest([a]) != rt.param_digest([b])
+
+
+class FakeCheckpoint:
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    @contextlib.contextmanager
+    def as_directory(self):
+        yield self.path
+
+
+def test_pack_then_unpack_restores_the_stage_folder(tmp_path):
+    src = tmp_path / "work" / "geco"
+    (src / "samples").mkdir(parents=True)
+    for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "samples/epoch_001.png"):
+        (src / name).write_text(name)
+    (src / "scratch.tmp").write_text("not packed")
+    ckpt = tmp_path / "ckpt"
+    rt._pack(src, ckpt / "geco")
+    restored = tmp_path / "restored"
+    rt._unpack(FakeCheckpoint(ckpt), "geco", restored)
+    names = sorted(str(p.relative_to(restored / "geco")) for p in (restored / "geco").rglob("*")
+                   if p.is_file())
+    assert names == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "samples/epoch_001.png"]
+    with pytest.raises(GecoError, match="holds no cigm/last.pt"):
+        rt._unpack(FakeCheckpoint(ckpt), "cigm", tmp_path / "other")
+
+
+def test_generator_sources_local_file_folder_and_missing(tmp_path):
+    pt = tmp_path / "gen.pt"
+    pt.write_bytes(b"x")
+    assert rt.fetch_generator(str(pt), tmp_path / "w1") == pt
+    folder = tmp_path / "ckpt"
+    (folder / "cigm").mkdir(parents=True)
+    (folder / "cigm" / "last.pt").write_bytes(b"x")
+    assert rt.fetch_generator(str(folder), tmp_path / "w2") == folder / "cigm" / "last.pt"
+    with pytest.raises(GecoError, match="nope.pt"):
+        rt.fetch_generator(str(tmp_path / "nope.pt"), tmp_path / "w3")
+    with pytest.raises(GecoError, match="no cigm/last.pt"):
+        rt.fetch_generator(str(tmp_path / "empty"), tmp_path / "w4")
+
+
+def test_ray_failures_become_one_message_naming_each_rank():
+    class Wrapped(Exception):
+        def __init__(self, cause):
+            super().__init__("wrapper")
+            self.cause = cause
+
+    class WorkerGroupError(Exception):
+        worker_failures = {1: Wrapped(DataError("shard s3://b/train-000003.tar: truncated")),
+                           0: RuntimeError("gloo: connection reset\nby peer")}
+
+    err = rt._explain(WorkerGroupError("boom"))
+    text = str(err)
+    assert "rank 0: RuntimeError: by peer" in text
+    assert "rank 1: DataError: shard s3://b/train-000003.tar: truncated" in text
+
+
+def test_checkpoint_uri_names_the_filesystem():
+    class FS:
+        type_name = "s3"
+
+    class Ck:
+        path, filesystem = "bucket/ray/run/checkpoint_1", FS()
+
+    assert rt.checkpoint_uri(Ck()) == "s3://bucket/ray/run/checkpoint_1"
+    Ck.filesystem = type("L", (), {"type_name": "local"})()
+    assert rt.checkpoint_uri(Ck()) == "bucket/ray/run/checkpoint_1"
+
+
+@pytest.mark.parametrize("job", ["train_geco.py", "train_cigm.py"])
+def test_job_scripts_explain_themselves_without_a_cluster(job):
+    out = subprocess.run([sys.executable, f"ray_jobs/{job}", "--help"], cwd=REPO,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--config" in out.stdout and "--name" in out.stdout
+
+
+def test_library_imports_neither_ray_nor_mlflow():
+    code = ("import sys, geco.cli, geco.cluster.ray_train, geco.train.geco, geco.evaluate; "
+            "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)
+    assert out.stdout.strip() == "[]", out.stderr
