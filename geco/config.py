@@ -119,7 +119,7 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # with use_gpu
-    num_to_keep: int = 0  # checkpoints kept per stage; 0 = all
+    num_to_keep: int = 3  # latest checkpoints kept per stage (each holds best.pt too); 0 = all
     max_failures: int = 2  # worker-group restarts from the last checkpoint; -1 = unlimited
     eval_cpus: float = 1.0  # the test-split evaluation task
     eval_gpus: float = 0.0
@@ -144,6 +144,29 @@ class TrackingConfig:
 
 
 @dataclass
+class TuneConfig:
+    """Ray Tune sweep of GECo's loss weights and temperature (ray_jobs/tune_geco.py)."""
+
+    search: str = "random"  # random (num_samples draws) | grid (every combination)
+    num_samples: int = 8  # random: trials; grid: repeats of the grid
+    alphas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    betas: list[float] = field(default_factory=lambda: [0.25, 0.5, 0.75, 1.0])
+    taus: list[float] = field(default_factory=lambda: [0.005, 0.01, 0.05, 0.1, 0.5])
+    gamma_min: float = 1e-4  # random: log-uniform in [gamma_min, gamma_max]
+    gamma_max: float = 1e-1
+    gammas: list[float] = field(default_factory=lambda: [1e-3, 1e-2])  # grid
+    # Validation metric that ranks trials (and drives ASHA); never computed on test.
+    metric: str = "auc_1vs1"  # auc_1vs1 | mrr_full
+    asha: bool = True
+    grace_period: int = 1  # epochs before ASHA may stop a trial
+    reduction_factor: int = 2
+    max_concurrent: int = 0  # 0 = as many as the resources allow
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    seed: int = 0  # the random search's draws
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     cigm: CIGMConfig = field(default_factory=CIGMConfig)
@@ -152,6 +175,7 @@ class Config:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -191,6 +215,21 @@ class Config:
         _choice("tracking.on_error", self.tracking.on_error, ("fail", "warn"))
         if not math.isfinite(self.tracking.gate_margin):
             raise ConfigError(f"tracking.gate_margin={self.tracking.gate_margin}: not a number")
+        t = self.tune
+        _choice("tune.search", t.search, ("random", "grid"))
+        _choice("tune.metric", t.metric, ("auc_1vs1", "mrr_full"))
+        for key in ("alphas", "betas", "taus", "gammas"):
+            values = getattr(t, key)
+            if not values or any(not math.isfinite(v) or v < 0 for v in values):
+                raise ConfigError(f"tune.{key}={values}: a non-empty list of numbers >= 0")
+        if any(v <= 0 for v in t.taus):
+            raise ConfigError(f"tune.taus={t.taus}: temperatures must be > 0")
+        if not 0 < t.gamma_min <= t.gamma_max:
+            raise ConfigError(f"tune.gamma_min/gamma_max={t.gamma_min}/{t.gamma_max}: "
+                              "need 0 < gamma_min <= gamma_max")
+        if t.num_samples < 1 or t.grace_period < 1 or t.reduction_factor < 2:
+            raise ConfigError("tune.num_samples and tune.grace_period must be >= 1, "
+                              "tune.reduction_factor >= 2")
         c = self.cluster
         if c.num_workers < 1:
             raise ConfigError(f"cluster.num_workers={c.num_workers}: must be >= 1")

@@ -15,3 +15,7 @@ class DataError(GecoError):
 
 class WeightsError(GecoError):
     """Backbone weights requested but not available."""
+
+
+class TrackingError(GecoError):
+    """The MLflow tracking server or store is unreachable or refused a call (names the URI)."""

@@ -56,5 +56,6 @@ def pytest_collection_modifyitems(config, items):
 
 
 # A real SeaweedFS S3 server on loopback (auth on), started once per session when a test asks.
+from tests.mlflow_server import mlflow_env, mlflow_server  # noqa: E402, F401
 from tests.ray_cluster import ray_head  # noqa: E402, F401
 from tests.s3_server import s3_env, s3_server  # noqa: E402, F401

@@ -57,10 +57,15 @@ class FakeCheckpoint:
 
 
 def test_pack_then_unpack_restores_the_stage_folder(tmp_path):
+    from geco.train.runtime import load_checkpoint, save_checkpoint
+
     src = tmp_path / "work" / "geco"
     (src / "samples").mkdir(parents=True)
-    for name in ("last.pt", "best.pt", "metrics.jsonl", "config.yaml", "samples/epoch_001.png"):
+    for name in ("last.pt", "metrics.jsonl", "config.yaml", "samples/epoch_001.png"):
         (src / name).write_text(name)
+    save_checkpoint(src / "best.pt", {"stage": "geco", "epoch": 1, "config": {}, "history": [],
+                                      "state": {"model": {"w": torch.ones(3)},
+                                                "optimizer": {"m": torch.ones(3)}}})
     (src / "scratch.tmp").write_text("not packed")
     ckpt = tmp_path / "ckpt"
     rt._pack(src, ckpt / "geco")
@@ -69,6 +74,8 @@ def test_pack_then_unpack_restores_the_stage_folder(tmp_path):
     names = sorted(str(p.relative_to(restored / "geco")) for p in (restored / "geco").rglob("*")
                    if p.is_file())
     assert names == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "samples/epoch_001.png"]
+    best = load_checkpoint(restored / "geco" / "best.pt")  # slim: weights, no optimiser state
+    assert list(best["state"]) == ["model"] and best["epoch"] == 1
     with pytest.raises(GecoError, match="holds no cigm/last.pt"):
         rt._unpack(FakeCheckpoint(ckpt), "cigm", tmp_path / "other")
 

@@ -93,7 +93,7 @@ def test_killed_worker_resumes_and_nothing_is_counted_twice(ray_head, s3_env, sy
     args = ["ray_jobs/train_cigm.py", "--name", "kill", "data.image_size=64",
             "data.num_workers=0", "cigm.features=8", "cigm.epochs=3", "cigm.batch_size=16",
             "runtime.log_every=1000", f"data.shards={shards}", f"cluster.storage_path={storage}",
-            "cluster.max_failures=1"]
+            "cluster.max_failures=1", "cluster.num_to_keep=0"]
     proc = ray_head.submit(env, *args)
     assert proc.returncode == 0, _job_failed(proc)
     assert marker.read_text().startswith("cigm rank 1 killed after 18 steps")

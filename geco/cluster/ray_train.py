@@ -99,9 +99,15 @@ def _unpack(checkpoint, stage: str, work: Path) -> None:
 
 
 def _pack(src: Path, dest: Path) -> None:
+    """The stage folder as a checkpoint: last.pt whole (resuming needs the optimiser state),
+    best.pt without it (only evaluation and registration read it): ~1/3 less to upload."""
+    from geco.train.runtime import save_slim
+
     dest.mkdir(parents=True)
     for name in _PACKED:
-        if (src / name).is_file():
+        if name == "best.pt" and (src / name).is_file():
+            save_slim(src / name, dest / name)
+        elif (src / name).is_file():
             shutil.copy2(src / name, dest / name)
     if (src / "samples").is_dir():
         shutil.copytree(src / "samples", dest / "samples")
@@ -199,8 +205,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             generator = fetch_generator(loop_config["cigm"], work)
             cfg.geco.cigm_checkpoint = str(loop_config.get("cigm_uri") or generator)
             stage = GECoStage(cfg, rt, generator)
+        tracker = None
         if rank == 0:
             save_config(cfg, work / name / "config.yaml")
+            from geco.tracking import Tracker
+
+            tracker = Tracker.attach(cfg.tracking, loop_config.get("mlflow_run_id"))
         _arm_fault(stage, rank)
 
         def report(record: dict[str, Any], last_path: Path) -> None:
@@ -217,6 +227,11 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             if rank != 0:
                 ray.train.report(metrics, checkpoint=None)
                 return
+            if tracker is not None:
+                tracker.log_metrics(metrics, step=int(record["epoch"]))
+                grid = last_path.parent / "samples" / f"epoch_{int(record['epoch']):03d}.png"
+                if grid.is_file():
+                    tracker.log_artifact(grid, "samples")
             with tempfile.TemporaryDirectory(prefix="geco-ckpt-") as d:
                 _pack(last_path.parent, Path(d) / name)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -228,16 +243,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
 
 # --- evaluation task --------------------------------------------------------------------------
 
-def evaluate_checkpoint(geco_checkpoint: Any, cigm_source: Any, config: dict[str, Any],
-                        split: str) -> dict[str, Any]:
-    """Metrics of the best GECo epoch on `split` (runs as a Ray task, or in-process)."""
+def finalize(geco_checkpoint: Any, cigm_source: Any, config: dict[str, Any], split: str,
+             mlflow_run_id: str | None = None) -> dict[str, Any]:
+    """Metrics of the best GECo epoch on `split`; with an MLflow run, also log the retriever
+    (pyfunc: generator + GECo weights + the split's embedded catalogue) into that run and
+    register it as a new version with alias "candidate". Runs as a Ray task or in-process."""
     from geco.data.source import open_eval_data
     from geco.train.geco import load_retriever
     from geco.train.runtime import init_runtime
 
     _worker_logging(0)
     cfg = config_from_dict(config)
-    work = Path(tempfile.mkdtemp(prefix="geco-eval-"))
+    work = Path(tempfile.mkdtemp(prefix="geco-final-"))
     try:
         _unpack(geco_checkpoint, "geco", work)
         best = work / "geco" / "best.pt"
@@ -250,15 +267,46 @@ def evaluate_checkpoint(geco_checkpoint: Any, cigm_source: Any, config: dict[str
         metrics = data.evaluate(retriever, rt=rt, image_size=cfg.data.image_size,
                                 batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
                                 ties=cfg.eval.ties, num_workers=cfg.data.num_workers)
-        return {"split": split, "dataset": data.where, "epoch": ckpt["epoch"] + 1, **metrics}
+        out = {"split": split, "dataset": data.where, "epoch": ckpt["epoch"] + 1, **metrics}
+        if mlflow_run_id and cfg.tracking.enabled:
+            out["model"] = _register(cfg, retriever, ckpt, path, generator, data, work,
+                                     mlflow_run_id)
+        return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
+def _register(cfg: Config, retriever, ckpt: dict[str, Any], path: Path, generator: Path, data,
+              work: Path, run_id: str) -> dict[str, Any]:
+    """Log + register the retriever; slim checkpoints (no optimiser state) go into the model."""
+    from geco.registry import build_catalogue, log_retriever
+    from geco.tracking import resolve_uri
+    from geco.train.runtime import save_slim
+
+    catalogue = work / "catalogue.pt"
+    if data.shards:
+        build_catalogue(retriever, data.shards, catalogue, image_size=cfg.data.image_size,
+                        name=f"catalogue-{data.name}")
+    else:
+        ids = list(dict.fromkeys([*data.split.bottoms,
+                                  *(b for negs in data.split.negatives for b in negs)]))
+        build_catalogue(retriever, data.images, catalogue, image_size=cfg.data.image_size,
+                        ids=ids)
+    # The validation metrics of the selected epoch: what the promotion gate compares.
+    record = next((h for h in ckpt["history"] if h["epoch"] == ckpt["epoch"] + 1), {})
+    valid = {k: float(v) for k, v in record.items() if k.startswith("valid_")}
+    return log_retriever(
+        run_id, tracking_uri=resolve_uri(cfg.tracking),
+        geco_checkpoint=save_slim(path, work / "geco-retriever.pt"),
+        generator_checkpoint=save_slim(generator, work / "cigm-generator.pt"),
+        catalogue=catalogue, registered_model=cfg.tracking.registered_model, metrics=valid)
+
+
 # --- the driver -------------------------------------------------------------------------------
 
-def preflight(cfg: Config) -> None:
-    """Fail in the driver, with the culprit named, before any worker starts."""
+def preflight(cfg: Config) -> str:
+    """Fail in the driver, with the culprit named, before any worker starts. Returns the
+    sha256 of the shard manifest (lineage), or "" when reading a folder."""
     if cfg.cluster.use_gpu is False and cfg.runtime.device.startswith("cuda"):
         raise ConfigError("runtime.device=cuda needs cluster.use_gpu=true under Ray")
     if cfg.data.shards:
@@ -268,12 +316,15 @@ def preflight(cfg: Config) -> None:
         for split in ("train", "valid"):
             if split not in manifest["splits"]:
                 raise GecoError(f"{cfg.data.shards}: the shards have no {split!r} split")
+        blob = json.dumps(manifest, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()
     else:
         from geco.data.source import ensure_synthetic, open_dataset
 
         log.warning("data.shards is empty: every Ray node must see data.root=%s", cfg.data.root)
         ensure_synthetic(cfg.data)
         open_dataset(cfg.data, ("train", "valid"))
+    return ""
 
 
 def _explain(exc: BaseException) -> GecoError:
@@ -291,7 +342,7 @@ def _explain(exc: BaseException) -> GecoError:
     return GecoError("Ray Train failed after its retries:\n  " + "\n  ".join(lines))
 
 
-def run_stage(cfg: Config, stage: str, *, cigm: Any = None):
+def run_stage(cfg: Config, stage: str, *, cigm: Any = None, mlflow_run_id: str | None = None):
     """One TorchTrainer run of `stage`; returns Ray's Result (resumes a run of the same name)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -306,7 +357,8 @@ def run_stage(cfg: Config, stage: str, *, cigm: Any = None):
     trainer = TorchTrainer(
         train_worker,
         train_loop_config={"stage": stage, "config": cfg.to_dict(), "cigm": cigm,
-                           "cigm_uri": str(cigm_uri) if cigm_uri else ""},
+                           "cigm_uri": str(cigm_uri) if cigm_uri else "",
+                           "mlflow_run_id": mlflow_run_id},
         scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -337,33 +389,102 @@ def reported_epochs(result) -> list[int]:
 
 def train_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[str, Any]:
     """CIGM (unless `cigm` names a trained one) -> GECo -> metrics of the best epoch on `split`,
-    written to <storage>/<name>-geco/metrics_<split>.json and returned."""
+    written to <storage>/<name>-geco/metrics_<split>.json and returned. With tracking on: an
+    MLflow parent run `<name>` with children `<name>-cigm` and `<name>-geco` (config, per-epoch
+    metrics, grids, lineage tags, test metrics), the retriever registered as a new version of
+    `tracking.registered_model` and put through the promotion gate."""
     import ray
 
     from geco.evaluate import format_tables
+    from geco.tracking import resolve_uri
 
     t0 = time.perf_counter()
-    preflight(cfg)
-    if cigm:
-        cigm_source: Any = cigm
-        cigm_uri = cigm
-    else:
-        cigm_result = run_stage(cfg, "cigm")
-        cigm_source = cigm_result.checkpoint
-        cigm_uri = checkpoint_uri(cigm_source)
-    geco_result = run_stage(cfg, "geco", cigm=cigm_source)
-    c = cfg.cluster
-    task = ray.remote(num_cpus=c.eval_cpus, num_gpus=c.eval_gpus)(evaluate_checkpoint)
-    metrics = ray.get(task.remote(geco_result.checkpoint, cigm_source, cfg.to_dict(), split))
-    result = {**metrics, "run": run_name(cfg, "geco"), "cigm": str(cigm_uri),
-              "geco_checkpoint": checkpoint_uri(geco_result.checkpoint),
-              "reported_epochs": reported_epochs(geco_result),
-              "pipeline_seconds": time.perf_counter() - t0}
+    manifest_sha = preflight(cfg)
+    tr = cfg.tracking
+    if tr.enabled:
+        tr.uri = resolve_uri(tr)  # workers and tasks log to the same place as the driver
+    name, c = cfg.cluster.name, cfg.cluster
+    lineage = {"geco.shards": cfg.data.shards or cfg.data.root, "geco.manifest_sha256": manifest_sha}
+    parent = open_run(cfg, key=name, run_name=name, tags={"geco.kind": "pipeline", **lineage})
+    try:
+        cigm_run = ""
+        if cigm:
+            cigm_source: Any = cigm
+            cigm_uri = cigm
+        else:
+            child = open_run(cfg, key=f"{name}-cigm", run_name=f"{name}-cigm",
+                             parent_run_id=parent.run_id, tags={"geco.kind": "cigm", **lineage})
+            with child:
+                cigm_result = run_stage(cfg, "cigm", mlflow_run_id=child.run_id)
+                cigm_source = cigm_result.checkpoint
+                cigm_uri = checkpoint_uri(cigm_source)
+                child.set_tags({"geco.checkpoint": cigm_uri})
+            cigm_run = child.run_id or ""
+        run = open_run(cfg, key=f"{name}-geco", run_name=f"{name}-geco",
+                       parent_run_id=parent.run_id,
+                       tags={"geco.kind": "geco", "geco.cigm_run_id": cigm_run,
+                             "geco.cigm_checkpoint": str(cigm_uri), **lineage})
+        with run:
+            geco_result = run_stage(cfg, "geco", cigm=cigm_source, mlflow_run_id=run.run_id)
+            run.set_tags({"geco.checkpoint": checkpoint_uri(geco_result.checkpoint)})
+            task = ray.remote(num_cpus=c.eval_cpus, num_gpus=c.eval_gpus)(finalize)
+            metrics = ray.get(task.remote(geco_result.checkpoint, cigm_source, cfg.to_dict(),
+                                          split, run.run_id))
+            test = {f"{split}_{k}": v for k, v in metrics.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)}
+            run.log_metrics(test)
+            parent.log_metrics(test)
+        model = metrics.pop("model", None) or {}
+        result = {**metrics, "run": run_name(cfg, "geco"), "cigm": str(cigm_uri),
+                  "geco_checkpoint": checkpoint_uri(geco_result.checkpoint),
+                  "reported_epochs": reported_epochs(geco_result),
+                  "mlflow_run_id": run.run_id, "model": model,
+                  "pipeline_seconds": time.perf_counter() - t0}
+        if model.get("version") is not None:
+            from geco.registry import promote
+
+            result["gate"] = promote(tr.uri, tr.registered_model, model["version"],
+                                     metric=tr.gate_metric, margin=tr.gate_margin)
+            parent.set_tags({f"gate.{k}": v for k, v in result["gate"].items()})
+        parent.end()
+    except BaseException:
+        parent.end("FAILED")
+        raise
     root = f"{storage_path(c.storage_path)}/{run_name(cfg, 'geco')}"
     where = _write_text(root, f"metrics_{split}.json", json.dumps(result, indent=2) + "\n")
     print(format_tables(metrics))
     print(f"metrics written to {where}")
+    if model.get("version") is not None:
+        _print_registry_help(tr, model, result["gate"])
     return result
+
+
+def open_run(cfg: Config, *, key: str, run_name: str, parent_run_id: str | None = None,
+             tags: dict[str, str] | None = None):
+    """The MLflow run for `key` (resumed when a run with that key exists: resubmitting a job
+    continues its runs instead of opening new ones); the config is logged on creation."""
+    from geco.tracking import Tracker
+
+    tracker, created = Tracker.resume_or_start(
+        cfg.tracking, key=key, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
+    if created:
+        tracker.log_config(cfg.to_dict())
+    return tracker
+
+
+def _print_registry_help(tr, model: dict[str, Any], gate: dict[str, Any]) -> None:
+    name = tr.registered_model
+    print(f"registered {name} version {model['version']} (alias candidate); gate: "
+          f"{gate.get('decision')} - {gate.get('reason')}")
+    if tr.uri.startswith("http"):
+        print(f"MLflow UI: {tr.uri}/#/models/{name}")
+    else:
+        print(f"MLflow store: {tr.uri} (UI: mlflow ui --backend-store-uri {tr.uri})")
+    print(f"champion: MLFLOW_TRACKING_URI={tr.uri} python -c \"import mlflow; "
+          f"m = mlflow.pyfunc.load_model('models:/{name}@champion'); "
+          f"print(m.predict({{'image': ['path/to/top.jpg']}}, params={{'k': 10}}))\"")
+    print(f"versions and gate decisions: python ray_jobs/promote.py show "
+          f"tracking.uri={tr.uri}")
 
 
 def connect(address: str | None = None) -> None:

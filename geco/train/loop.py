@@ -232,7 +232,7 @@ def fit(
 
 
 # Settings that may change between a run and its resumption without changing what is trained.
-_VOLATILE = ("runtime.", "eval.", "cluster.", "tracking.", "data.num_workers", "cigm.epochs",
+_VOLATILE = ("runtime.", "eval.", "cluster.", "tracking.", "tune.", "data.num_workers", "cigm.epochs",
              "geco.epochs", "geco.cigm_checkpoint", "cigm.n_samples")
 
 

@@ -233,7 +233,7 @@ cmd_start() {
         "-master.port=$p_master" "-volume.port=$p_volume" "-filer.port=$p_filer"
         -admin.ui=false "-admin.port=$p_admin"
         -webdav=false
-        -master.volumeSizeLimitMB=64 -volume.max=64 -master.volumePreallocate=false
+        -master.volumeSizeLimitMB=64 -volume.max=1000 -master.volumePreallocate=false
         "${sockargs[@]}"
     )
     echo "$weed ${args[*]}" >"$S3DIR/command.txt"

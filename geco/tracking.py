@@ -1,0 +1,307 @@
+"""A thin MLflow tracking layer for the training drivers and the Ray workers.
+
+Every call goes through an explicit `mlflow.MlflowClient` bound to one URI (no fluent global
+state, so threads, Tune trials and Train workers cannot steal each other's active run). MLflow
+is imported lazily: `import geco.tracking` stays cheap and works without the orchestration extra.
+
+Failure policy (`tracking.on_error`): "fail" raises `TrackingError` naming the URI; "warn" logs
+one warning on the "geco" logger and turns the tracker into a no-op (run_id None), so training
+goes on untracked but never silently.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import os
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from geco.config import TrackingConfig
+from geco.errors import TrackingError
+
+log = logging.getLogger("geco")
+
+# MLflow's limits (mlflow.utils.validation), restated so this module does not import mlflow.
+MAX_PARAM_VALUE = 6000
+MAX_TAG_VALUE = 8000
+# Config keys never sent to the tracking server, whatever their value.
+SECRET_MARKERS = ("secret", "password", "token", "access_key")
+START_HINT = "start it (infra/local/mlflow.sh start) or set tracking.on_error=warn / tracking.enabled=false"
+
+
+def resolve_uri(cfg: TrackingConfig) -> str:
+    """cfg.uri, else $MLFLOW_TRACKING_URI, else a SQLite store in <cwd>/runs/mlflow.db."""
+    if cfg.uri:
+        return cfg.uri
+    env = os.environ.get("MLFLOW_TRACKING_URI", "")
+    if env:
+        return env
+    runs = Path.cwd() / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{runs / 'mlflow.db'}"
+
+
+def _is_http(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    """For an http(s) tracking URI, GET {uri}/health; raise TrackingError if it does not answer.
+
+    Other URIs (sqlite, file, databricks) are not checked here: opening them reports problems.
+    """
+    if not _is_http(uri):
+        return
+    url = uri.rstrip("/") + "/health"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as resp:
+            if resp.status != 200:
+                raise TrackingError(
+                    f"MLflow tracking server at {uri} is not reachable: /health answered "
+                    f"HTTP {resp.status}"
+                )
+    except urllib.error.HTTPError as e:
+        raise TrackingError(
+            f"MLflow tracking server at {uri} is not reachable: /health answered HTTP {e.code}"
+        ) from e
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TrackingError(f"MLflow tracking server at {uri} is not reachable: {reason}") from e
+
+
+def _http_defaults() -> None:
+    # MLflow retries a failed request 7 times with exponential backoff and waits up to 120 s per
+    # request: a server that dies mid-run would stall every log call for minutes. Fail fast
+    # instead (users can still override both in the environment).
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+
+
+def flatten_config(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
+    """Nested dict -> ("a.b.c", str(value)) pairs, truncated to MLflow's limit, secrets dropped."""
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if any(marker in str(key).lower() for marker in SECRET_MARKERS):
+            continue
+        if isinstance(value, Mapping):
+            yield from flatten_config(value, prefix=f"{name}.")
+        else:
+            yield name, str(value)[:MAX_PARAM_VALUE]
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+class Tracker:
+    """One MLflow run, written through an explicit client; a no-op when disabled/degraded."""
+
+    def __init__(self, cfg: TrackingConfig, *, uri: str = "", client: Any = None,
+                 run_id: str | None = None, owned: bool = False) -> None:
+        self.cfg = cfg
+        self.uri = uri
+        self.run_id: str | None = run_id if client is not None else None
+        self._client = client
+        # Only the creator of a run terminates it: an attached worker merely stops logging.
+        self._owned = owned
+        self._ended = self.run_id is None
+
+    @property
+    def enabled(self) -> bool:
+        return self.run_id is not None and not self._ended
+
+    # -- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, cfg: TrackingConfig, *, run_name: str, parent_run_id: str | None = None,
+              tags: dict[str, str] | None = None) -> Tracker:
+        """Create a run (a child of parent_run_id if given) in cfg.experiment."""
+        if not cfg.enabled:
+            return cls(cfg)
+        uri = resolve_uri(cfg)
+        try:
+            check_reachable(uri)
+            client = _client(uri)
+            experiment_id = _experiment_id(client, cfg.experiment, uri)
+            run_tags = {k: str(v)[:MAX_TAG_VALUE] for k, v in (tags or {}).items()}
+            if parent_run_id:
+                run_tags["mlflow.parentRunId"] = parent_run_id
+            run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+        except Exception as e:  # noqa: BLE001 - any failure follows the on_error policy
+            message = str(e) if isinstance(e, TrackingError) else (
+                f"MLflow tracking at {uri} failed to start run {run_name!r}: "
+                f"{type(e).__name__}: {e}"
+            )
+            message = f"{message}; {START_HINT}"
+            if cfg.on_error == "warn":
+                log.warning("%s (tracking disabled for this run)", message)
+                return cls(cfg, uri=uri)
+            raise TrackingError(message) from e
+        return cls(cfg, uri=uri, client=client, run_id=run.info.run_id, owned=True)
+
+    @classmethod
+    def resume_or_start(cls, cfg: TrackingConfig, *, key: str, run_name: str,
+                        parent_run_id: str | None = None,
+                        tags: dict[str, str] | None = None) -> tuple[Tracker, bool]:
+        """(tracker, created): the run tagged `geco.run_key=key` in cfg.experiment, reopened
+        (a resubmitted job continues its runs), else a new one. The reopened run is owned."""
+        if not cfg.enabled:
+            return cls(cfg), False
+        uri = resolve_uri(cfg)
+        try:
+            check_reachable(uri)
+            client = _client(uri)
+            experiment_id = _experiment_id(client, cfg.experiment, uri)
+            found = client.search_runs([experiment_id], max_results=1,
+                                       filter_string=f"tags.`geco.run_key` = '{key}'")
+        except Exception as e:  # noqa: BLE001 - same policy as start()
+            message = str(e) if isinstance(e, TrackingError) else (
+                f"MLflow tracking at {uri} failed to look up run {key!r}: "
+                f"{type(e).__name__}: {e}")
+            if cfg.on_error == "warn":
+                log.warning("%s; %s (tracking disabled for this run)", message, START_HINT)
+                return cls(cfg, uri=uri), False
+            raise TrackingError(f"{message}; {START_HINT}") from e
+        if found:
+            tracker = cls(cfg, uri=uri, client=client, run_id=found[0].info.run_id, owned=True)
+            tracker._call("reopen the run", client.update_run, tracker.run_id, status="RUNNING")
+            return tracker, False
+        tracker = cls.start(cfg, run_name=run_name, parent_run_id=parent_run_id,
+                            tags={**(tags or {}), "geco.run_key": key})
+        return tracker, tracker.enabled
+
+    @classmethod
+    def attach(cls, cfg: TrackingConfig, run_id: str | None) -> Tracker:
+        """Log into an existing run (e.g. inside a Ray worker); None -> a disabled tracker.
+
+        The attached tracker does not terminate the run on end(): its creator does.
+        """
+        if not cfg.enabled or not run_id:
+            return cls(cfg)
+        uri = resolve_uri(cfg)
+        try:
+            client = _client(uri)
+        except Exception as e:  # noqa: BLE001
+            if cfg.on_error == "warn":
+                log.warning("MLflow tracking at %s unavailable (%s); not logging", uri, e)
+                return cls(cfg, uri=uri)
+            raise TrackingError(f"MLflow tracking at {uri} unavailable: {e}") from e
+        return cls(cfg, uri=uri, client=client, run_id=run_id, owned=False)
+
+    # -- logging ------------------------------------------------------------------------------
+
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+        """Run one client call under the on_error policy."""
+        if not self.enabled:
+            return
+        try:
+            fn(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - network, server and store errors alike
+            message = (f"MLflow tracking at {self.uri} failed to {what} "
+                       f"(run {self.run_id}): {type(e).__name__}: {e}")
+            if self.cfg.on_error != "warn":
+                raise TrackingError(message) from e
+            log.warning("%s; tracking disabled for the rest of this run", message)
+            self._degrade()
+
+    def _degrade(self) -> None:
+        self._client = None
+        self.run_id = None
+        self._ended = True
+
+    def log_config(self, config: Mapping[str, Any]) -> None:
+        """Log a nested config as flattened dotted params ("geco.alpha"), in batches."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Param
+
+        params = [Param(k, v) for k, v in flatten_config(config)]
+        # log_batch splits into MLflow's 100-params-per-request chunks itself.
+        self._call("log params", self._client.log_batch, self.run_id, params=params)
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log the numeric values of `metrics` at `step` (others are ignored)."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
+        if batch:
+            self._call("log metrics", self._client.log_batch, self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        """Upload one local file (or folder) into the run's artifacts."""
+        if not self.enabled:
+            return
+        upload = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
+        self._call(f"upload artifact {path}", upload, self.run_id, str(path), artifact_path)
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        if not self.enabled or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        batch = [RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
+        self._call("set tags", self._client.log_batch, self.run_id, tags=batch)
+
+    def end(self, status: str = "FINISHED") -> None:
+        """Terminate the run with `status` (FINISHED, FAILED, KILLED); idempotent."""
+        if not self.enabled:
+            return
+        if self._owned:
+            self._call(f"end the run as {status}", self._client.set_terminated,
+                       self.run_id, status)
+        self._ended = True
+
+    def __enter__(self) -> Tracker:
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.end("FINISHED")
+            return
+        try:
+            self.end("FAILED")
+        except TrackingError as e:
+            # Do not mask the training error with a tracking one.
+            log.warning("%s", e)
+
+
+def _client(uri: str) -> Any:
+    try:
+        import mlflow
+    except ImportError as e:
+        raise TrackingError(
+            "MLflow tracking is enabled but mlflow is not installed: "
+            "pip install -e '.[orchestration]' or set tracking.enabled=false"
+        ) from e
+    if _is_http(uri):
+        _http_defaults()
+    return mlflow.MlflowClient(tracking_uri=uri)
+
+
+def _experiment_id(client: Any, name: str, uri: str) -> str:
+    """The id of experiment `name`, created if missing (tolerating a concurrent creator)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        # MLflow's default for a database store is ./mlruns under the *current* directory;
+        # keep the artifacts next to the database instead.
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException:
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
