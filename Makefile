@@ -6,7 +6,7 @@ CONFIG ?= configs/synthetic-cpu.yaml
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo demo-torch demo-local stop test lint bench gpu-smoke clean
+.PHONY: venv demo sweep demo-torch demo-local stop test lint bench gpu-smoke clean
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -19,18 +19,35 @@ RAY_ARGS ?= cluster.num_workers=2 cigm.batch_size=16 geco.batch_size=16
 
 # The main job: synthetic outfits -> WebDataset shards in the local S3 server (SeaweedFS on
 # 127.0.0.1) -> `ray job submit` to a local Ray head (127.0.0.1) -> CIGM then GECo with Ray
-# Train DDP on 2 CPU workers, data streamed from S3 -> test metrics next to the checkpoints
-# in s3://geco/ray/$(NAME)-geco/. Re-running resumes the runs of the same NAME.
+# Train DDP on 2 CPU workers, data streamed from S3, every run tracked in the local MLflow
+# server (sqlite, artifacts in S3) -> test metrics next to the checkpoints in
+# s3://geco/ray/$(NAME)-geco/ -> the retriever registered and put through the promotion gate.
+# Re-running resumes the runs of the same NAME.
 demo: venv
 	bash infra/local/s3.sh start
 	bash infra/local/s3.sh bucket $(word 2,$(subst /, ,$(SHARDS)))
 	eval "$$(bash infra/local/s3.sh profile-env)" && \
 	  $(PY) -m geco.cli data shard --out $(SHARDS) --config $(CONFIG) --image-size 64
+	bash infra/local/mlflow.sh start
 	bash infra/local/ray.sh start
 	eval "$$(bash infra/local/ray.sh env)" && \
 	  $(VENV)/bin/ray job submit --runtime-env "$$(bash infra/local/ray.sh runtime-env)" -- \
 	  python ray_jobs/train_geco.py --config $(CONFIG) --name $(NAME) \
 	  data.shards=$(SHARDS) cluster.storage_path=$(RAY_STORAGE) $(RAY_ARGS)
+
+# A Ray Tune sweep of alpha, beta, tau, gamma (ASHA) on the demo's data, reusing the demo's
+# CIGM (the Ray Train run $(NAME)-cigm is restored, not retrained); the best trial is tested,
+# registered and put through the gate. Run after `make demo`.
+# Trials are single-process: geco.batch_size=32 restores the global batch of $(CONFIG).
+SWEEP_ARGS ?= tune.num_samples=4 tune.max_concurrent=2 geco.epochs=3 geco.lr_step=2 geco.batch_size=32
+sweep: venv
+	bash infra/local/s3.sh start
+	bash infra/local/mlflow.sh start
+	bash infra/local/ray.sh start
+	eval "$$(bash infra/local/ray.sh env)" && \
+	  $(VENV)/bin/ray job submit --runtime-env "$$(bash infra/local/ray.sh runtime-env)" -- \
+	  python ray_jobs/tune_geco.py --config $(CONFIG) --name $(NAME) \
+	  data.shards=$(SHARDS) cluster.storage_path=$(RAY_STORAGE) $(RAY_ARGS) $(SWEEP_ARGS)
 
 # The same two stages in one process, without Ray (shards from S3 when SHARDS is set up).
 demo-torch: venv
@@ -46,6 +63,7 @@ demo-local: venv
 
 stop:
 	bash infra/local/ray.sh stop
+	bash infra/local/mlflow.sh stop
 	bash infra/local/s3.sh stop
 
 # Lint, then every test that needs no GPU (GPU tests skip themselves without CUDA).

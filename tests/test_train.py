@@ -256,3 +256,15 @@ def test_both_stages_train_from_shards_in_s3(synth_small, s3_env, tmp_path, caps
     from geco.data.stream import load_manifest
 
     assert load_manifest(url)["splits"]["train"]["samples"] == n_train
+
+
+def test_cigm_resume_ignores_geco_settings_but_not_its_own(trained, synth_small, tmp_path):
+    """A sweep reuses a finished CIGM run with other GECo settings: allowed; a CIGM setting
+    that changes what was trained is still refused."""
+    run, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    summary = train_cigm(tiny(synth_small, "geco.alpha=0.9", "geco.batch_size=8"), copy)
+    assert [h["epoch"] for h in summary["history"]] == [1]  # nothing retrained
+    with pytest.raises(GecoError, match="cigm.lambda_l1"):
+        train_cigm(tiny(synth_small, "cigm.lambda_l1=10"), copy)

@@ -144,6 +144,8 @@ def fit(
     if resume and last_path.is_file():
         ckpt = load_checkpoint(last_path)
         drift = config_drift(ckpt["config"], config)
+        if stage.name == "cigm":  # GECo's settings do not change what CIGM trains
+            drift = [d for d in drift if not d.startswith("geco.")]
         if drift:
             raise GecoError(
                 f"{last_path} was trained with a different config ({', '.join(drift[:5])}); "

@@ -11,8 +11,9 @@
 # Other Ray ports are picked free on loopback, so several heads (tests, a developer's) coexist;
 # `stop` stops only this head (never `ray stop`, which would stop every Ray on the machine).
 # `env` prints RAY_ADDRESS (the job API) for eval; `runtime-env` writes and prints the path of a
-# runtime-env JSON for `ray job submit --runtime-env`: this repository as working_dir and the
-# local S3 settings (endpoint + credentials *file*, never the secret) when s3.sh has run.
+# runtime-env JSON for `ray job submit --runtime-env`: this repository as working_dir, the
+# local S3 settings (endpoint + credentials *file*, never the secret) when s3.sh has run, and
+# MLFLOW_TRACKING_URI when mlflow.sh runs a server.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -167,6 +168,10 @@ cmd_runtime_env() {
     mkdir -p "$RAYDIR"
     local out="$RAYDIR/runtime_env.json" s3env=""
     if s3env="$(GECO_STACK_DIR="$DIR" "$REPO/infra/local/s3.sh" profile-env 2>/dev/null)"; then :; else s3env=""; fi
+    # The tracking server, when mlflow.sh runs one for this stack.
+    if GECO_STACK_DIR="$DIR" "$REPO/infra/local/mlflow.sh" status >/dev/null 2>&1; then
+        s3env="$s3env"$'\n'"$(GECO_STACK_DIR="$DIR" "$REPO/infra/local/mlflow.sh" env)"
+    fi
     S3ENV="$s3env" "$PYTHON" - "$REPO" "$out" <<'EOF'
 import json, os, sys
 repo, out = sys.argv[1], sys.argv[2]
