@@ -445,7 +445,7 @@ def train_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
 
             result["gate"] = promote(tr.uri, tr.registered_model, model["version"],
                                      metric=tr.gate_metric, margin=tr.gate_margin)
-            parent.set_tags({f"gate.{k}": v for k, v in result["gate"].items()})
+            parent.set_tags({k: v for k, v in result["gate"].items() if k.startswith("gate.")})
         parent.end()
     except BaseException:
         parent.end("FAILED")
@@ -474,8 +474,9 @@ def open_run(cfg: Config, *, key: str, run_name: str, parent_run_id: str | None 
 
 def _print_registry_help(tr, model: dict[str, Any], gate: dict[str, Any]) -> None:
     name = tr.registered_model
-    print(f"registered {name} version {model['version']} (alias candidate); gate: "
-          f"{gate.get('decision')} - {gate.get('reason')}")
+    print(f"registered {name} version {model['version']} (alias candidate); gate "
+          f"{gate.get('gate.decision')}: {gate.get('gate.reason')}; champion is version "
+          f"{gate.get('champion')}")
     if tr.uri.startswith("http"):
         print(f"MLflow UI: {tr.uri}/#/models/{name}")
     else:
@@ -484,7 +485,7 @@ def _print_registry_help(tr, model: dict[str, Any], gate: dict[str, Any]) -> Non
           f"m = mlflow.pyfunc.load_model('models:/{name}@champion'); "
           f"print(m.predict({{'image': ['path/to/top.jpg']}}, params={{'k': 10}}))\"")
     print(f"versions and gate decisions: python ray_jobs/promote.py show "
-          f"tracking.uri={tr.uri}")
+          f"--tracking-uri {tr.uri}")
 
 
 def connect(address: str | None = None) -> None:
