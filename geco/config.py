@@ -127,7 +127,7 @@ class ClusterConfig:
 
 @dataclass
 class TrackingConfig:
-    """MLflow tracking (geco.tracking); used by the Ray jobs and `geco pipeline`."""
+    """MLflow tracking (geco.tracking) of the Ray jobs (ray_jobs/)."""
 
     enabled: bool = True
     # Tracking server or store; empty = $MLFLOW_TRACKING_URI, else a local sqlite store

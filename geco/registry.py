@@ -96,9 +96,15 @@ def load_bundle(geco_checkpoint: str | Path, generator_checkpoint: str | Path,
 
 
 def _image_values(model_input: Any) -> list[Any]:
-    """A DataFrame with an "image" column, or a plain list/tuple of paths or bytes."""
+    """A DataFrame with an "image" column, a mapping {"image": [...]}, or a plain list/tuple
+    of paths or bytes."""
     if isinstance(model_input, (list, tuple)):
         return list(model_input)
+    if isinstance(model_input, dict):
+        if "image" not in model_input:
+            raise DataError(f"input has no 'image' key (keys: {sorted(model_input)})")
+        value = model_input["image"]
+        return list(value) if isinstance(value, (list, tuple)) else [value]
     columns = getattr(model_input, "columns", None)
     if columns is None and hasattr(model_input, "tolist"):  # a Series or a 1-d array
         return list(model_input.tolist())

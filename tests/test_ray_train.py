@@ -133,3 +133,21 @@ def test_missing_shards_fail_in_the_driver_by_name(ray_head, s3_env, tmp_path):
     out = proc.stdout + proc.stderr
     assert "geco: error:" in out and f"{url}/manifest.json" in out
     assert "Traceback" not in out
+
+
+def test_unreachable_tracking_server_fails_the_job_by_name(ray_head, s3_env, synth_small,
+                                                           tmp_path):
+    """tracking.on_error=fail (default): a dead MLflow server stops the job before training,
+    naming the URI; nothing is trained untracked by accident."""
+    from tests.s3_server import free_port
+
+    shards = f"s3://{s3_env.bucket}/ray-dead-mlflow"
+    _shard(synth_small, shards, 32)
+    dead = f"http://127.0.0.1:{free_port()}"
+    env = ray_head.runtime_env(tmp_path / "runtime_env.json", s3_env.profile_env)
+    proc = ray_head.submit(env, "ray_jobs/train_geco.py", "--name", "dead-mlflow",
+                           f"data.shards={shards}", f"cluster.storage_path={tmp_path / 'ray'}",
+                           f"tracking.uri={dead}", timeout=300)
+    assert proc.returncode != 0
+    out = proc.stdout + proc.stderr
+    assert "geco: error:" in out and dead in out and "not reachable" in out

@@ -122,6 +122,8 @@ again = model.predict(frame, params={"k": 10, "seed": 7})
 raw = model.predict(pd.DataFrame({"image": [open(p, "rb").read() for p in paths]}),
                     params={"k": 10, "seed": 7})
 default = model.predict(list(paths))  # a plain list, default params (k=10, seed=0)
+mapping = model.predict({"image": list(paths)})  # a dict, as in the README
+assert mapping.equals(default), "dict input must rank like list input"
 try:
     model.predict(pd.DataFrame({"image": [paths[0], paths[0] + ".missing"]}))
     error = None

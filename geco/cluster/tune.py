@@ -92,10 +92,11 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], cigm: Any,
         fit_stage(stage, rt, cfg, work, resume=True, on_epoch_end=report)
         if tracker is not None:
             tracker.end()
-    except BaseException:
+    except Exception:
         if tracker is not None:
             tracker.end("FAILED")
         raise
+    # Anything else (Tune stopping the trial) leaves the run to the driver: _close_runs.
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -205,7 +206,7 @@ def sweep_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
         parent.set_tags({"geco.cigm_checkpoint": cigm_uri})
 
         grid = run_sweep(cfg, cigm_source, parent_run_id=parent.run_id)
-        _close_stopped_runs(grid, cfg)
+        _close_runs(grid, cfg)
         table = summarise(grid, cfg)
         best, row = best_trial(grid, cfg)
         params = {k: float(best.config[k]) for k in SWEPT}
@@ -258,8 +259,9 @@ def sweep_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
     return result
 
 
-def _close_stopped_runs(grid, cfg: Config) -> None:
-    """Trials stopped by ASHA never reach their own `end()`: mark their runs KILLED."""
+def _close_runs(grid, cfg: Config) -> None:
+    """Give every trial's MLflow run its final status: a trial ASHA stopped early never
+    reaches its own `end()` (or is interrupted inside it): KILLED with tag geco.stopped_by."""
     if not cfg.tracking.enabled:
         return
     from geco.tracking import _client
@@ -267,5 +269,15 @@ def _close_stopped_runs(grid, cfg: Config) -> None:
     client = _client(cfg.tracking.uri)
     for r in grid:
         run_id = (r.metrics or {}).get("mlflow_run_id")
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, "KILLED")
+        if not run_id:
+            continue
+        epochs = int((r.metrics or {}).get("epoch", 0))
+        if r.error is not None:
+            status = "FAILED"
+        elif epochs < cfg.geco.epochs:
+            status = "KILLED"
+            client.set_tag(run_id, "geco.stopped_by", f"asha after epoch {epochs}")
+        else:
+            status = "FINISHED"
+        if client.get_run(run_id).info.status != status:
+            client.set_terminated(run_id, status)
