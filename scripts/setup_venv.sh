@@ -19,6 +19,6 @@ fi
 "$VENV/bin/python" -m pip install -q --upgrade pip
 # torch/torchvision first and pinned: on this kind of machine pip takes them from local disk.
 "$VENV/bin/python" -m pip install -q "torch==2.14.1" "torchvision==0.29.1"
-"$VENV/bin/python" -m pip install -q -e ".[dev,data,orchestration]"
+"$VENV/bin/python" -m pip install -q -e ".[dev,data,orchestration,deploy]"
 echo "$want" > "$stamp"
 echo "environment ready: $VENV"
