@@ -1,4 +1,4 @@
-"""`geco` command line: data synth, train cigm, train geco, evaluate, pipeline.
+"""`geco` command line: data synth, train cigm, train geco, evaluate, pipeline, compare.
 
 Every command takes `--config FILE` and `--run-dir DIR` plus `section.key=value` overrides.
 Problems the user can fix (GecoError) print one clear line and exit with status 2.
@@ -71,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     pipe = sub.add_parser("pipeline", help="synth (if configured) -> CIGM -> GECo -> evaluate")
     pipe.add_argument("--no-resume", action="store_true")
     _common(pipe)
+
+    comp = sub.add_parser("compare", help="GECo and the baselines on the test split "
+                          "(paper Tables 2 and 3) -> <run-dir>/compare/")
+    comp.add_argument("--models", default="random,popularity,geco",
+                      help="comma-separated: random, popularity, geco (GECo needs "
+                           "<run-dir>/geco/best.pt; default %(default)s)")
+    _common(comp)
     return parser
 
 
@@ -134,6 +141,15 @@ def cmd_pipeline(cfg: Config, run_dir: Path, resume: bool) -> dict:
     return result
 
 
+def cmd_compare(cfg: Config, run_dir: Path, models: str) -> dict:
+    from geco.compare import format_comparison, run_compare
+
+    result = run_compare(cfg, run_dir, models)
+    print(format_comparison(result))
+    print(f"comparison written to {Path(result['files']['md']).parent}/compare.{{md,csv,json}}")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging()
@@ -154,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
             cmd_evaluate(cfg, run_dir, args.split, args.out, args.checkpoint)
         elif args.command == "pipeline":
             cmd_pipeline(cfg, run_dir, not args.no_resume)
+        elif args.command == "compare":
+            cmd_compare(cfg, run_dir, args.models)
         return 0
     except GecoError as exc:
         print(f"geco: error: {exc}", file=sys.stderr)

@@ -268,12 +268,26 @@ def finalize(geco_checkpoint: Any, cigm_source: Any, config: dict[str, Any], spl
                                 batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
                                 ties=cfg.eval.ties, num_workers=cfg.data.num_workers)
         out = {"split": split, "dataset": data.where, "epoch": ckpt["epoch"] + 1, **metrics}
-        if mlflow_run_id and cfg.tracking.enabled:
+        existing = registered_version(cfg, mlflow_run_id)
+        if existing is not None:  # a resubmitted, already finished job: register nothing new
+            out["model"] = {"version": existing, "existing": True}
+        elif mlflow_run_id and cfg.tracking.enabled:
             out["model"] = _register(cfg, retriever, ckpt, path, generator, data, work,
                                      mlflow_run_id)
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def registered_version(cfg: Config, run_id: str | None) -> int | None:
+    """The registered version already made from `run_id`, if any."""
+    if not run_id or not cfg.tracking.enabled:
+        return None
+    from geco.tracking import _client, resolve_uri
+
+    found = _client(resolve_uri(cfg.tracking)).search_model_versions(
+        f"name='{cfg.tracking.registered_model}' and run_id='{run_id}'")
+    return max((int(v.version) for v in found), default=None)
 
 
 def _register(cfg: Config, retriever, ckpt: dict[str, Any], path: Path, generator: Path, data,
@@ -440,7 +454,10 @@ def train_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
                   "reported_epochs": reported_epochs(geco_result),
                   "mlflow_run_id": run.run_id, "model": model,
                   "pipeline_seconds": time.perf_counter() - t0}
-        if model.get("version") is not None:
+        if model.get("existing"):
+            log.info("%s version %s was registered from this run already: not registering "
+                     "or gating again", tr.registered_model, model["version"])
+        elif model.get("version") is not None:
             from geco.registry import promote
 
             result["gate"] = promote(tr.uri, tr.registered_model, model["version"],
@@ -455,7 +472,7 @@ def train_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
     print(format_tables(metrics))
     print(f"metrics written to {where}")
     if model.get("version") is not None:
-        _print_registry_help(tr, model, result["gate"])
+        _print_registry_help(tr, model, result.get("gate", {}))
     return result
 
 
@@ -474,9 +491,13 @@ def open_run(cfg: Config, *, key: str, run_name: str, parent_run_id: str | None 
 
 def _print_registry_help(tr, model: dict[str, Any], gate: dict[str, Any]) -> None:
     name = tr.registered_model
-    print(f"registered {name} version {model['version']} (alias candidate); gate "
-          f"{gate.get('gate.decision')}: {gate.get('gate.reason')}; champion is version "
-          f"{gate.get('champion')}")
+    if model.get("existing"):
+        print(f"{name} version {model['version']} was registered by this run before "
+              "(nothing new to register or gate)")
+    else:
+        print(f"registered {name} version {model['version']} (alias candidate); gate "
+              f"{gate.get('gate.decision')}: {gate.get('gate.reason')}; champion is version "
+              f"{gate.get('champion')}")
     if tr.uri.startswith("http"):
         print(f"MLflow UI: {tr.uri}/#/models/{name}")
     else:

@@ -231,7 +231,7 @@ def sweep_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
                   f"best_{metric}": float(row[metric]), "test": metrics, "trials": table,
                   "cigm": cigm_uri, "mlflow_run_id": parent.run_id, "model": model,
                   "sweep_seconds": time.perf_counter() - t0}
-        if model.get("version") is not None:
+        if model.get("version") is not None and not model.get("existing"):
             from geco.registry import promote
 
             result["gate"] = promote(tr.uri, tr.registered_model, model["version"],
@@ -255,7 +255,7 @@ def sweep_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
     print(f"test metrics of the best trial only ({split}):")
     print(format_tables(metrics))
     if model.get("version") is not None:
-        rt_._print_registry_help(tr, model, result["gate"])
+        rt_._print_registry_help(tr, model, result.get("gate", {}))
     return result
 
 
