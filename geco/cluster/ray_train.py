@@ -162,6 +162,23 @@ def _arm_fault(stage, rank: int) -> None:
     stage.train_step = train_step
 
 
+def numeric(record: dict[str, Any]) -> dict[str, Any]:
+    """The numbers of an epoch record (what Ray reports and MLflow logs as metrics)."""
+    return {k: v for k, v in record.items()
+            if isinstance(v, int | float) and not isinstance(v, bool)}
+
+
+def log_epoch(tracker, metrics: dict[str, Any], last_path: Path) -> None:
+    """One epoch into MLflow: its metrics at step=epoch and its template grid as a PNG."""
+    if tracker is None:
+        return
+    epoch = int(metrics["epoch"])
+    tracker.log_metrics(metrics, step=epoch)
+    grid = last_path.parent / "samples" / f"epoch_{epoch:03d}.png"
+    if grid.is_file():
+        tracker.log_artifact(grid, "samples")
+
+
 def _worker_logging(rank: int) -> None:
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
@@ -220,18 +237,13 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                 dist.all_gather_object(digests, mine)
             else:
                 digests = [mine]
-            metrics = {k: v for k, v in record.items()
-                       if isinstance(v, int | float) and not isinstance(v, bool)}
+            metrics = numeric(record)
             metrics.update(stage=name, param_digests=",".join(digests),
                            ranks_in_sync=int(len(set(digests)) == 1))
             if rank != 0:
                 ray.train.report(metrics, checkpoint=None)
                 return
-            if tracker is not None:
-                tracker.log_metrics(metrics, step=int(record["epoch"]))
-                grid = last_path.parent / "samples" / f"epoch_{int(record['epoch']):03d}.png"
-                if grid.is_file():
-                    tracker.log_artifact(grid, "samples")
+            log_epoch(tracker, metrics, last_path)
             with tempfile.TemporaryDirectory(prefix="geco-ckpt-") as d:
                 _pack(last_path.parent, Path(d) / name)
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
@@ -444,8 +456,7 @@ def train_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
             task = ray.remote(num_cpus=c.eval_cpus, num_gpus=c.eval_gpus)(finalize)
             metrics = ray.get(task.remote(geco_result.checkpoint, cigm_source, cfg.to_dict(),
                                           split, run.run_id))
-            test = {f"{split}_{k}": v for k, v in metrics.items()
-                    if isinstance(v, int | float) and not isinstance(v, bool)}
+            test = {f"{split}_{k}": v for k, v in numeric(metrics).items()}
             run.log_metrics(test)
             parent.log_metrics(test)
         model = metrics.pop("model", None) or {}

@@ -77,13 +77,8 @@ def run_trial(params: dict[str, Any], *, base: dict[str, Any], cigm: Any,
         run_id = tracker.run_id if tracker is not None else None
 
         def report(record: dict[str, Any], last_path: Path) -> None:
-            metrics = {k: v for k, v in record.items()
-                       if isinstance(v, int | float) and not isinstance(v, bool)}
-            if tracker is not None:
-                tracker.log_metrics(metrics, step=int(record["epoch"]))
-                grid = last_path.parent / "samples" / f"epoch_{int(record['epoch']):03d}.png"
-                if grid.is_file():
-                    tracker.log_artifact(grid, "samples")
+            metrics = rt_.numeric(record)
+            rt_.log_epoch(tracker, metrics, last_path)
             with tempfile.TemporaryDirectory(prefix="geco-ckpt-") as d:
                 rt_._pack(last_path.parent, Path(d) / "geco")
                 tune.report({**metrics, "mlflow_run_id": run_id or ""},
@@ -220,8 +215,7 @@ def sweep_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
         metrics = ray.get(task.remote(best.checkpoint, cigm_source, best_cfg.to_dict(), split,
                                       trial_run))
         model = metrics.pop("model", None) or {}
-        test = {f"{split}_{k}": v for k, v in metrics.items()
-                if isinstance(v, int | float) and not isinstance(v, bool)}
+        test = {f"{split}_{k}": v for k, v in rt_.numeric(metrics).items()}
         parent.log_metrics({**test, f"best_{metric}": float(row[metric])})
         if trial_run:
             from geco.tracking import Tracker
