@@ -60,6 +60,11 @@ def mlflow_server(s3_server: S3Server) -> Iterator[MlflowServer]:
             log = base / "mlflow" / "server.log"
             tail = log.read_text()[-3000:] if log.exists() else "(no log)"
             pytest.fail(f"could not start MLflow: {started.stderr.strip()}\n--- {log}:\n{tail}")
+        if "already running" in started.stdout:
+            # Two definitions of this fixture (e.g. imported by a test module as well as by
+            # conftest.py) would share the state dir: the second would yield a dead port.
+            pytest.fail(f"an MLflow server already runs in {base / 'mlflow'}: import the "
+                        "mlflow_server fixture from tests/conftest.py only")
         yield MlflowServer(uri=f"http://127.0.0.1:{port}", dir=base / "mlflow", port=port,
                            artifacts=artifacts)
     finally:

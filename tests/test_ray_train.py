@@ -31,7 +31,7 @@ LEARN_SPEC = SynthSpec(n_train_tops=288, pairs_per_top=2, n_valid=96, n_test=120
 LEARN = ["data.image_size=64", "data.num_workers=0", "cigm.features=16", "cigm.epochs=3",
          "cigm.batch_size=8", "geco.epochs=5", "geco.batch_size=16", "geco.lr=3e-4",
          "geco.backbone.weights=random", "geco.backbone.allow_random_init=true",
-         "runtime.log_every=10", "cluster.num_workers=2"]
+         "runtime.log_every=10", "cluster.num_workers=2", "cluster.num_to_keep=0"]
 
 
 def _shard(data: Path, url: str, size: int) -> None:

@@ -17,7 +17,6 @@ from PIL import Image
 from geco.config import TrackingConfig
 from geco.errors import TrackingError
 from geco.tracking import Tracker, check_reachable, flatten_config, resolve_uri
-from tests.mlflow_server import mlflow_env, mlflow_server  # noqa: F401, F811
 from tests.s3_server import free_port
 
 mlflow = pytest.importorskip("mlflow")
@@ -186,7 +185,7 @@ def test_import_does_not_import_mlflow() -> None:
 
 
 @pytest.mark.integration
-def test_round_trip_server_artifacts_in_s3(mlflow_env, s3_server, tmp_path: Path) -> None:  # noqa: F811
+def test_round_trip_server_artifacts_in_s3(mlflow_env, s3_server, tmp_path: Path) -> None:
     cfg = TrackingConfig(experiment=f"it-{uuid.uuid4().hex[:8]}")
     assert resolve_uri(cfg) == mlflow_env.uri
     parent_id, children = _round_trip(cfg, tmp_path)

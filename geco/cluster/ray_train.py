@@ -409,7 +409,8 @@ def run_stage(cfg: Config, stage: str, *, cigm: Any = None, mlflow_run_id: str |
 
 
 def reported_epochs(result) -> list[int]:
-    """Epochs of every checkpoint Ray Train registered for a run (all attempts)."""
+    """Epochs of the checkpoints Ray Train holds for a run, over all attempts (all of them
+    with cluster.num_to_keep=0, else the latest num_to_keep)."""
     return sorted(int(m["epoch"]) for _, m in (result.best_checkpoints or []))
 
 
