@@ -3,7 +3,6 @@ parameter digests, generator sources, checkpoint packing, failure messages."""
 
 from __future__ import annotations
 
-import contextlib
 import subprocess
 import sys
 from pathlib import Path
@@ -48,12 +47,16 @@ def test_param_digest_tells_identical_weights_from_different_ones():
 
 
 class FakeCheckpoint:
+    """ray.train.Checkpoint's download API on a local folder."""
+
     def __init__(self, path: Path):
         self.path = str(path)
 
-    @contextlib.contextmanager
-    def as_directory(self):
-        yield self.path
+    def to_directory(self, path: str) -> str:
+        import shutil
+
+        shutil.copytree(self.path, path, dirs_exist_ok=True)
+        return path
 
 
 def test_pack_then_unpack_restores_the_stage_folder(tmp_path):

@@ -90,12 +90,24 @@ def _stage_modules(stage) -> list:
 
 
 def _unpack(checkpoint, stage: str, work: Path) -> None:
-    """Copy a Ray checkpoint's stage folder into the worker's scratch run dir."""
-    with checkpoint.as_directory() as d:
-        src = Path(d) / stage
+    """Copy a Ray checkpoint's stage folder into the worker's scratch run dir.
+
+    Downloads into a folder of our own (`to_directory(path)`): `as_directory()` shares one
+    temp folder per checkpoint between the processes of a node and deletes it when the first
+    one is done, so concurrent Tune trials reading the same CIGM checkpoint raced (seen:
+    "Checkpoint directory ... does not exist, even though it should have been created by
+    another process").
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"geco-dl-{stage}-", dir=work))
+    try:
+        checkpoint.to_directory(str(tmp))
+        src = tmp / stage
         if not (src / "last.pt").is_file():
             raise GecoError(f"checkpoint {checkpoint_uri(checkpoint)} holds no {stage}/last.pt")
         shutil.copytree(src, work / stage, dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _pack(src: Path, dest: Path) -> None:
