@@ -167,6 +167,65 @@ class TuneConfig:
 
 
 @dataclass
+class BPRDAEConfig:
+    """BPR-DAE, visual only (REFERENCE §5.2): frozen CNN features + two tied autoencoders."""
+
+    # Frozen feature extractor: "alexnet" (AlexNet fc7, 4096-d, the paper; weights from
+    # alexnet_weights), "backbone" (GECo's ResNet-18, 512-d, under geco.backbone's weights
+    # policy), or "auto": alexnet when its ImageNet file is in the torch cache, else backbone.
+    features: str = "auto"
+    alexnet_weights: str = "imagenet"  # imagenet (torch hub cache only) | local path | s3://
+    image_size: int = 224
+    hidden: int = 512
+    mu: float = 0.01  # reconstruction weight
+    lam: float = 0.01  # L2 weight on the AE parameters
+    # hardsigmoid (the reference: -mean hardsigmoid(m_tp - m_tn)) | logsigmoid (original BPR)
+    bpr_term: str = "hardsigmoid"
+    lr: float = 0.01
+    momentum: float = 0.9
+    epochs: int = 30
+    batch_size: int = 128  # tops per step; each meets n_negatives rolled in-batch bottoms
+    n_negatives: int = 3
+    seed: int = 0
+
+
+@dataclass
+class GanCMConfig:
+    """MGCM (REFERENCE §5.3) and Pix2PixCM (§5.4): generator (GAN + L1) + pants encoder +
+    BPRNet, score alpha·dot(sigmoid projections) + beta·template term, at 64 px."""
+
+    image_size: int = 64
+    features: int = 64  # first conv width; filters f,2f,4f,8f,8f,8f (the reference: 64)
+    emb_dim: int = 128
+    alpha: float = 1.0  # weight of the dot-product term of the score
+    beta: float = 0.01  # weight of the template term of the score
+    mu: float = 0.1  # generator adversarial weight
+    nu: float = 0.01  # discriminator loss weight
+    lambda_l1: float = 10000.0
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    weight_decay: float = 0.01  # coupled L2 in Adam, as the reference
+    epochs: int = 60
+    batch_size: int = 420
+    n_negatives: int = 3  # rolled in-batch negatives per top
+    # True reproduces REFERENCE §7 items 9-10: the discriminator loss's misplaced parenthesis
+    # and the template term added as +beta·L1 (a larger distance scores higher). False (the
+    # default) trains D on real -> 1, fake -> 0 and scores -beta·L1 (closer = better).
+    faithful: bool = False
+    max_steps_per_epoch: int = 0  # 0 = full epoch; >0 caps steps (smoke runs)
+    seed: int = 0
+
+
+@dataclass
+class BaselinesConfig:
+    """The trainable baselines of `geco compare` (geco.baselines)."""
+
+    bpr_dae: BPRDAEConfig = field(default_factory=BPRDAEConfig)
+    mgcm: GanCMConfig = field(default_factory=GanCMConfig)
+    pix2pixcm: GanCMConfig = field(default_factory=GanCMConfig)
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     cigm: CIGMConfig = field(default_factory=CIGMConfig)
@@ -176,6 +235,7 @@ class Config:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -240,9 +300,53 @@ class Config:
                               "must be > 0")
         if not c.name or "/" in c.name:
             raise ConfigError(f"cluster.name={c.name!r}: a non-empty name without '/'")
+        self._validate_baselines()
         if self.data.n_negatives < 3:
             raise ConfigError(f"data.n_negatives={self.data.n_negatives}: AUC-1vs3 needs >= 3")
         return self
+
+
+    def _validate_baselines(self) -> None:
+        b = self.baselines.bpr_dae
+        _choice("baselines.bpr_dae.features", b.features, ("auto", "alexnet", "backbone"))
+        _choice("baselines.bpr_dae.bpr_term", b.bpr_term, ("hardsigmoid", "logsigmoid"))
+        ints = [("baselines.bpr_dae.image_size", b.image_size, 16),
+                ("baselines.bpr_dae.hidden", b.hidden, 1),
+                ("baselines.bpr_dae.epochs", b.epochs, 1),
+                ("baselines.bpr_dae.n_negatives", b.n_negatives, 1),
+                ("baselines.bpr_dae.batch_size", b.batch_size, b.n_negatives + 1)]
+        floats = [("baselines.bpr_dae.mu", b.mu), ("baselines.bpr_dae.lam", b.lam),
+                  ("baselines.bpr_dae.momentum", b.momentum)]
+        positive = [("baselines.bpr_dae.lr", b.lr)]
+        for name in ("mgcm", "pix2pixcm"):
+            g: GanCMConfig = getattr(self.baselines, name)
+            k = f"baselines.{name}."
+            size = g.image_size
+            if size < 32 or size & (size - 1):
+                raise ConfigError(f"{k}image_size={size}: must be a power of two >= 32 "
+                                  "(six stride-2 convolutions; the reference uses 64)")
+            ints += [(k + "features", g.features, 1), (k + "emb_dim", g.emb_dim, 1),
+                     (k + "epochs", g.epochs, 1), (k + "n_negatives", g.n_negatives, 1),
+                     (k + "batch_size", g.batch_size, g.n_negatives + 1)]
+            floats += [(k + "alpha", g.alpha), (k + "beta", g.beta), (k + "mu", g.mu),
+                       (k + "nu", g.nu), (k + "lambda_l1", g.lambda_l1),
+                       (k + "weight_decay", g.weight_decay)]
+            positive.append((k + "lr", g.lr))
+            if len(g.betas) != 2 or not all(0 <= x < 1 for x in g.betas):
+                raise ConfigError(f"{k}betas={g.betas}: Adam betas must be two numbers in [0, 1)")
+            if g.alpha == 0 and g.beta == 0:
+                raise ConfigError(f"{k}alpha and beta are both 0: the score would be constant")
+        for key, value, low in ints:
+            if value < low:
+                raise ConfigError(f"{key}={value}: must be >= {low}"
+                                  + (" (rolled negatives need n_negatives + 1 tops per batch)"
+                                     if key.endswith("batch_size") else ""))
+        for key, value in floats:
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{key}={value}: must be a finite number >= 0")
+        for key, value in positive:
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"{key}={value}: learning rate must be a positive number")
 
 
 # Validation metrics that can pick the best GECo epoch (all "higher is better").

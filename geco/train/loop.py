@@ -234,8 +234,9 @@ def fit(
 
 
 # Settings that may change between a run and its resumption without changing what is trained.
-_VOLATILE = ("runtime.", "eval.", "cluster.", "tracking.", "tune.", "data.num_workers", "cigm.epochs",
-             "geco.epochs", "geco.cigm_checkpoint", "cigm.n_samples")
+_VOLATILE = ("runtime.", "eval.", "cluster.", "tracking.", "tune.", "baselines.",
+             "data.num_workers", "cigm.epochs", "geco.epochs", "geco.cigm_checkpoint",
+             "cigm.n_samples")
 
 
 def config_drift(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
