@@ -188,9 +188,13 @@ def pair_loader(train: Split, images: ImageSource, transform: Transform, *, batc
                       persistent_workers=False)
 
 
+_RESUMABLE = ("baseline.epochs:", "baseline.max_steps_per_epoch:")
+
+
 class EpochCheckpoint:
     """`<dir>/last.pt`: a baseline's state after its latest finished epoch, with its config
-    (the baseline's own section plus the data it trained on) and per-epoch history.
+    ({"baseline": its own config section as a dict, "data": `BaselineContext.data_key`}) and
+    per-epoch history.
 
     `resume()` returns the saved payload when its config matches (training continues after its
     epoch, or is skipped when complete), None when there is none, and raises naming the keys
@@ -207,7 +211,9 @@ class EpochCheckpoint:
         ckpt = load_checkpoint(self.path)
         if ckpt.get("model") != self.model:
             raise GecoError(f"{self.path} holds a {ckpt.get('model')!r} model, not {self.model!r}")
-        drift = config_drift(ckpt.get("config", {}), self.config)
+        # More epochs continue a finished run; other changes mean another model.
+        drift = [d for d in config_drift(ckpt.get("config", {}), self.config)
+                 if not d.startswith(_RESUMABLE)]
         if drift:
             raise ConfigError(f"{self.path} was trained with a different config ("
                               + "; ".join(drift[:5]) + "): delete the folder to retrain, or "
