@@ -74,9 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = sub.add_parser("compare", help="GECo and the baselines on the test split "
                           "(paper Tables 2 and 3) -> <run-dir>/compare/")
-    comp.add_argument("--models", default="random,popularity,geco",
-                      help="comma-separated: random, popularity, geco (GECo needs "
-                           "<run-dir>/geco/best.pt; default %(default)s)")
+    comp.add_argument("--models", default="all",
+                      help="comma-separated: geco, mgcm, pix2pixcm, bpr-dae, popularity, "
+                           "random, or all (default)")
+    comp.add_argument("--split", default="test", choices=("valid", "test"))
+    comp.add_argument("--no-train", action="store_true",
+                      help="do not train GECo when <run-dir>/geco/best.pt is missing")
     _common(comp)
     return parser
 
@@ -141,10 +144,11 @@ def cmd_pipeline(cfg: Config, run_dir: Path, resume: bool) -> dict:
     return result
 
 
-def cmd_compare(cfg: Config, run_dir: Path, models: str) -> dict:
+def cmd_compare(cfg: Config, run_dir: Path, models: str, split: str = "test",
+                train: bool = True) -> dict:
     from geco.compare import format_comparison, run_compare
 
-    result = run_compare(cfg, run_dir, models)
+    result = run_compare(cfg, run_dir, models, split=split, train_geco=train)
     print(format_comparison(result))
     print(f"comparison written to {Path(result['files']['md']).parent}/compare.{{md,csv,json}}")
     return result
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pipeline":
             cmd_pipeline(cfg, run_dir, not args.no_resume)
         elif args.command == "compare":
-            cmd_compare(cfg, run_dir, args.models)
+            cmd_compare(cfg, run_dir, args.models, args.split, not args.no_train)
         return 0
     except GecoError as exc:
         print(f"geco: error: {exc}", file=sys.stderr)

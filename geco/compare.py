@@ -3,19 +3,22 @@ layout of the paper's Tables 2 and 3.
 
 Every model is evaluated on the same rows of the same split with the same metric code
 (REFERENCE §4): GECo from its checkpoint through `EvalData.evaluate` (what `geco evaluate`
-runs), baselines as `geco.baselines.Scorer`s through `evaluate_scorer`, which yields the same
-metric keys. Outputs under `<run-dir>/compare/`:
+runs; trained first by `geco pipeline`'s stages when the run dir has none), the baselines as
+`geco.baselines.Scorer`s through `evaluate_scorer`, which yields the same metric keys. The
+trainable baselines (BPR-DAE, MGCM, Pix2PixCM) train on the training split and keep resumable
+checkpoints under `<run-dir>/<model>/`; a finished one is loaded, not retrained. The data come
+from `data.root`, or from `data.shards` when set (read into memory once; see
+`geco.data.shard_images`).
 
+Outputs under `<run-dir>/compare/`:
 - `compare.md`: Table 2 (AUC 1-vs-1, MRR full ranking), Table 3 (AUC 1-vs-3, MRR 1-vs-9),
   plus Recall@k / NDCG@10, rows in the paper's model order;
 - `compare.csv`: one row per model, every metric key;
-- `compare.json`: metrics per model, where each trainable model came from (checkpoint, epoch,
-  its training config) and the resolved config of the comparison.
-
-Extension point: `MODELS` maps a name to a `ModelEntry`; a baseline is added by giving its
-entry a `make(ctx) -> Scorer` factory. A trainable baseline trains in its `fit` and keeps
-its files under `ctx.out_dir` (`<run-dir>/<name>/`), exposing the file it ended with as a
-`checkpoint` attribute, which lands in compare.json.
+- `compare.json`: metrics per model, where each trainable model came from (checkpoint,
+  epochs, per-epoch history, its own config section) and the comparison's resolved config;
+- `config.yaml`: that resolved config, loadable with `--config`.
+With a tracking URI (`tracking.uri` or $MLFLOW_TRACKING_URI) the comparison is also an MLflow
+run with one child run per model (metrics, per-epoch history, template grids).
 """
 
 from __future__ import annotations
@@ -31,8 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from geco.baselines import PopularityScorer, RandomScorer, Scorer, evaluate_scorer
-from geco.config import Config
-from geco.data.images import ImageFolder
+from geco.baselines.base import BaselineContext
+from geco.config import Config, save_config
 from geco.data.splits import Split
 from geco.errors import ConfigError, GecoError
 from geco.evaluate import TABLE_KEYS
@@ -40,63 +43,50 @@ from geco.metrics import random_expectations
 
 log = logging.getLogger("geco")
 
-DEFAULT_MODELS = ("random", "popularity", "geco")
+DEFAULT_MODELS = ("geco", "mgcm", "pix2pixcm", "bpr-dae", "popularity", "random")
 
 
-@dataclass
-class CompareContext:
-    """What a baseline factory gets: the comparison's config, the dataset's image folder and
-    training split, and the model's own folder (checkpoints of trainable baselines)."""
+def _lazy(module: str, cls: str) -> Callable[[BaselineContext], Scorer]:
+    """A factory importing its (torch-heavy) module only when the model is asked for."""
+    def make(ctx: BaselineContext) -> Scorer:
+        import importlib
 
-    cfg: Config
-    images: ImageFolder
-    train: Split
-    out_dir: Path
+        return getattr(importlib.import_module(module), cls)(ctx)
+    return make
 
 
 @dataclass(frozen=True)
 class ModelEntry:
     label: str  # the row name in the tables (the paper's)
-    make: Callable[[CompareContext], Scorer] | None = None  # None: GECo, or not implemented yet
-    planned: str = ""  # non-empty: not implemented yet; what it needs (REFERENCE §5)
+    make: Callable[[BaselineContext], Scorer] | None = None  # None: GECo
+    trainable: bool = False  # trains on the training split (a Ray task in ray_jobs/compare.py)
 
 
 # Name -> entry, in the row order of the paper's Tables 2 and 3.
 MODELS: dict[str, ModelEntry] = {
-    "geco": ModelEntry("GECo"),
-    "mgcm": ModelEntry("MGCM", planned=(
-        "64 px generator (GAN + 10000·L1) + pants encoder + BPRNet, score "
-        "α·dot + β·L1 template term (REFERENCE §5.3)")),
-    "pix2pixcm": ModelEntry("Pix2PixCM", planned=(
-        "MGCM with a U-Net generator and a 4x4 PatchGAN (REFERENCE §5.4)")),
-    "bpr-dae": ModelEntry("BPR-DAE", planned=(
-        "frozen CNN features + tied autoencoders, score dot(hidden) (REFERENCE §5.2)")),
-    "popularity": ModelEntry("Popularity", make=lambda ctx: PopularityScorer()),
-    "random": ModelEntry("Random", make=lambda ctx: RandomScorer(ctx.cfg.eval.seed)),
+    "geco": ModelEntry("GECo", trainable=True),
+    "mgcm": ModelEntry("MGCM", _lazy("geco.baselines.gancm", "MGCMScorer"), True),
+    "pix2pixcm": ModelEntry("Pix2PixCM", _lazy("geco.baselines.gancm", "Pix2PixCMScorer"), True),
+    "bpr-dae": ModelEntry("BPR-DAE", _lazy("geco.baselines.bprdae", "BPRDAEScorer"), True),
+    "popularity": ModelEntry("Popularity", lambda ctx: PopularityScorer()),
+    "random": ModelEntry("Random", lambda ctx: RandomScorer(ctx.cfg.eval.seed)),
 }
 
 
 def parse_models(models: str | Iterable[str]) -> list[str]:
-    """Model names (a comma-separated string or a list) -> known names, deduplicated, in the
-    paper's table order. Unknown or not yet implemented names raise ConfigError."""
+    """Model names (a comma-separated string or a list; "all" = every model) -> known names,
+    deduplicated, in the paper's table order. Unknown names raise ConfigError."""
     if isinstance(models, str):
         models = models.split(",")
     names = [m.strip().lower() for m in models if m.strip()]
+    if names == ["all"]:
+        names = list(MODELS)
     if not names:
-        raise ConfigError("--models: name at least one model "
-                          f"(available: {', '.join(_available())})")
+        raise ConfigError(f"--models: name at least one model (available: {', '.join(MODELS)})")
     for name in names:
-        entry = MODELS.get(name)
-        if entry is None:
-            raise ConfigError(f"unknown model {name!r} (available: {', '.join(_available())})")
-        if entry.planned:
-            raise ConfigError(f"model {name!r} is not implemented yet ({entry.planned}); "
-                              f"available: {', '.join(_available())}")
+        if name not in MODELS:
+            raise ConfigError(f"unknown model {name!r} (available: {', '.join(MODELS)}, or all)")
     return [name for name in MODELS if name in names]
-
-
-def _available() -> list[str]:
-    return [n for n, e in MODELS.items() if not e.planned]
 
 
 def geco_checkpoint(run_dir: Path) -> Path:
@@ -104,87 +94,236 @@ def geco_checkpoint(run_dir: Path) -> Path:
 
 
 def run_compare(cfg: Config, run_dir: str | Path, models: str | Iterable[str] = DEFAULT_MODELS,
-                *, split: str = "test") -> dict[str, Any]:
-    """Evaluate `models` on `split` of the dataset folder `cfg.data.root`; write
-    `<run-dir>/compare/compare.{md,csv,json}` and return what compare.json holds."""
-    from geco.data.source import EvalData, ensure_synthetic, open_dataset
+                *, split: str = "test", train_geco: bool = True) -> dict[str, Any]:
+    """Train (or load) and evaluate `models` on `split`; write `<run-dir>/compare/` and, with a
+    tracking URI, log the comparison to MLflow. Returns what compare.json holds."""
+    from geco.data.source import ensure_synthetic
 
     run_dir = Path(run_dir)
     names = parse_models(models)
-    if cfg.data.shards:
-        raise ConfigError(f"geco compare reads the dataset folder data.root, not shards "
-                          f"(data.shards={cfg.data.shards!r}); set data.shards= (empty) and "
-                          "data.root to the folder the shards were made from")
-    ckpt_path = geco_checkpoint(run_dir)
-    if "geco" in names and not ckpt_path.is_file():
-        raise GecoError(f"no GECo checkpoint at {ckpt_path}: train it first with "
-                        f"`geco pipeline --config CONFIG --run-dir {run_dir}` (or `geco train "
-                        "cigm` then `geco train geco` with the same run dir), or leave geco "
-                        "out of --models")
-
+    if "geco" in names and not geco_checkpoint(run_dir).is_file() and not train_geco:
+        raise GecoError(f"no GECo checkpoint at {geco_checkpoint(run_dir)}: train it first with "
+                        f"`geco pipeline --config CONFIG --run-dir {run_dir}`, let compare "
+                        "train it (leave out --no-train), or leave geco out of --models")
     ensure_synthetic(cfg.data)
-    scorers = [n for n in names if n != "geco"]
-    needed = ("train", split) if scorers else (split,)
-    splits, images = open_dataset(cfg.data, needed)
-    test = splits[split]
-    log.info("compare: %s on %s (%d rows)", ", ".join(names), test.source, len(test))
-
+    tracker = open_tracking(cfg, run_dir)
     results: dict[str, dict[str, Any]] = {}
-    for name in names:
-        t0 = time.perf_counter()
-        if name == "geco":
-            results[name] = _evaluate_geco(cfg, ckpt_path, EvalData(split, split=test,
-                                                                     images=images))
-        else:
-            ctx = CompareContext(cfg=cfg, images=images, train=splits["train"],
-                                 out_dir=run_dir / name)
-            scorer = MODELS[name].make(ctx)
-            scorer.fit(ctx.train)
-            fit_s = time.perf_counter() - t0
-            metrics = evaluate_scorer(scorer, test, ties=cfg.eval.ties)
-            ckpt = getattr(scorer, "checkpoint", None)
-            results[name] = {"label": MODELS[name].label, "metrics": metrics,
-                             "checkpoint": str(ckpt) if ckpt else None,
-                             "trained_on": splits["train"].source, "fit_seconds": fit_s}
-        results[name]["seconds"] = time.perf_counter() - t0
-        m = results[name]["metrics"]
-        log.info("compare: %-10s AUC-1vs1 %.4f  MRR-full %.4f  AUC-1vs3 %.4f  MRR-1vs9 %.4f",
-                 MODELS[name].label, m["auc_1vs1"], m["mrr_full"], m.get("auc_1vs3", float("nan")),
-                 m.get("mrr_1vs9", float("nan")))
-
-    out_dir = run_dir / "compare"
-    result: dict[str, Any] = {
-        "dataset": test.source,
-        "dataset_name": Path(cfg.data.root).name,
-        "split": split,
-        "ties": cfg.eval.ties,
-        "n_queries": len(test),
-        "n_candidates": len(test.unique_bottoms()),
-        "models": results,
-        "files": {k: str(out_dir / f"compare.{k}") for k in ("md", "csv", "json")},
-        "config": cfg.to_dict(),
-    }
-    write_outputs(result, out_dir)
+    try:
+        if "geco" in names:
+            results["geco"] = run_geco(cfg, run_dir, split)
+        scorers = [n for n in names if n != "geco"]
+        if scorers:
+            splits, images = load_data(cfg, ("train", split))
+            for name in scorers:
+                results[name] = run_baseline(name, cfg, run_dir / name, splits["train"],
+                                             splits[split], images)
+        result = assemble(cfg, split, results, run_dir / "compare")
+        write_outputs(result, run_dir / "compare")
+        save_config(cfg, run_dir / "compare" / "config.yaml")
+        if tracker.enabled:
+            log_comparison(tracker, result)
+            write_outputs(result, run_dir / "compare")  # now with the MLflow run id
+    except BaseException:
+        tracker.end("FAILED")
+        raise
+    tracker.end()
     return result
 
 
-def _evaluate_geco(cfg: Config, ckpt_path: Path, data) -> dict[str, Any]:
+def load_data(cfg: Config, splits: tuple[str, ...]):
+    """(splits by name, an ImageSource): the dataset folder, or the shards read into memory."""
+    if cfg.data.shards:
+        from geco.data.shard_images import read_shard_dataset
+
+        return read_shard_dataset(cfg.data.shards, splits, on_bad=cfg.data.on_bad_image)
+    from geco.data.source import open_dataset
+
+    return open_dataset(cfg.data, splits)
+
+
+def data_key(cfg: Config, train: Split) -> dict[str, Any]:
+    """What identifies a baseline's training data in its checkpoint config."""
+    return {"dataset": cfg.data.shards or str(Path(cfg.data.root)), "kind": cfg.data.kind,
+            "train_rows": len(train)}
+
+
+def run_baseline(name: str, cfg: Config, out_dir: Path, train: Split, test: Split,
+                 images: Any, rt: Any = None) -> dict[str, Any]:
+    """Fit (train, resume or load) one baseline and evaluate it on `test`: its result entry."""
+    from geco.train.runtime import init_runtime
+
+    entry = MODELS[name]
+    if entry.make is None:
+        raise ConfigError(f"{name!r} is not a baseline")
+    rt = rt or init_runtime(cfg.runtime)
+    ctx = BaselineContext(cfg=cfg, images=images, train=train, out_dir=Path(out_dir), rt=rt,
+                          data_key=data_key(cfg, train))
+    t0 = time.perf_counter()
+    scorer = entry.make(ctx)
+    scorer.fit(train)
+    fit_s = time.perf_counter() - t0
+    metrics = evaluate_scorer(scorer, test, ties=cfg.eval.ties)
+    ckpt = getattr(scorer, "checkpoint", None)
+    out: dict[str, Any] = {"label": entry.label, "metrics": metrics,
+                           "checkpoint": str(ckpt) if ckpt else None,
+                           "trained_on": train.source, "fit_seconds": fit_s,
+                           "seconds": time.perf_counter() - t0}
+    section = getattr(cfg.baselines, name.replace("-", "_"), None)
+    if section is not None:
+        from dataclasses import asdict
+
+        out["config"] = asdict(section)
+    for attr in ("info", "history"):
+        if getattr(scorer, attr, None) is not None:
+            out[attr] = getattr(scorer, attr)
+    samples = getattr(scorer, "samples_dir", None)
+    if samples:
+        out["samples_dir"] = str(samples)
+    _log_row(entry.label, metrics)
+    return out
+
+
+def run_geco(cfg: Config, run_dir: Path, split: str) -> dict[str, Any]:
+    """GECo's entry: its best checkpoint in the run dir (trained here first, CIGM then GECo,
+    when absent; an interrupted training resumes), evaluated like `geco evaluate`."""
+    t0 = time.perf_counter()
+    ckpt_path = geco_checkpoint(run_dir)
+    trained_here = not ckpt_path.is_file()
+    if trained_here:
+        from geco.train.cigm import train_cigm
+        from geco.train.geco import train_geco
+
+        log.info("compare: no GECo checkpoint at %s: training CIGM then GECo", ckpt_path)
+        for stage, fn in (("cigm", train_cigm), ("geco", train_geco)):
+            save_config(cfg, run_dir / stage / "config.yaml")
+            fn(cfg, run_dir, resume=True)
+    out = _evaluate_geco(cfg, ckpt_path, split)
+    out["trained_here"] = trained_here
+    out["seconds"] = time.perf_counter() - t0
+    _log_row("GECo", out["metrics"])
+    return out
+
+
+def _log_row(label: str, m: dict[str, Any]) -> None:
+    log.info("compare: %-10s AUC-1vs1 %.4f  MRR-full %.4f  AUC-1vs3 %.4f  MRR-1vs9 %.4f",
+             label, m["auc_1vs1"], m["mrr_full"], m.get("auc_1vs3", float("nan")),
+             m.get("mrr_1vs9", float("nan")))
+
+
+def assemble(cfg: Config, split: str, results: dict[str, dict[str, Any]],
+             out_dir: Path | str) -> dict[str, Any]:
+    """compare.json's content: results in the paper's row order plus the dataset and config.
+    Every model was scored on the same rows, so the row and pool sizes are any model's."""
+    ordered = {n: results[n] for n in MODELS if n in results}
+    sizes = {(r["metrics"]["n_queries"], r["metrics"]["n_candidates"]) for r in ordered.values()}
+    if len(sizes) != 1:
+        raise GecoError(f"compare: the models were scored on different rows or pools "
+                        f"(queries, candidates): {sorted(sizes)}")
+    n_queries, n_candidates = sizes.pop()
+    return {
+        "dataset": cfg.data.shards or cfg.data.root,
+        "dataset_name": _dataset_name(cfg),
+        "split": split,
+        "ties": cfg.eval.ties,
+        "n_queries": n_queries,
+        "n_candidates": n_candidates,
+        "models": ordered,
+        "files": {k: str(Path(out_dir) / f"compare.{k}") for k in ("md", "csv", "json")},
+        "config": cfg.to_dict(),
+    }
+
+
+def _dataset_name(cfg: Config) -> str:
+    if cfg.data.shards:
+        return cfg.data.shards.rstrip("/").rsplit("/", 1)[-1] or cfg.data.shards
+    return Path(cfg.data.root).name
+
+
+def _evaluate_geco(cfg: Config, ckpt_path: Path, split: str) -> dict[str, Any]:
     """`geco evaluate` on the comparison's rows: the checkpoint's image size, eval settings
     of the comparison config."""
+    from geco.data.source import open_eval_data
     from geco.train.geco import load_retriever
     from geco.train.runtime import init_runtime
 
     rt = init_runtime(cfg.runtime)
     retriever, ckpt = load_retriever(ckpt_path, rt.device)
     trained = ckpt["config"]
-    if Path(trained["data"]["root"]).resolve() != Path(cfg.data.root).resolve():
+    here, there = cfg.data.shards or cfg.data.root, (trained["data"].get("shards")
+                                                    or trained["data"]["root"])
+    if here != there:
         log.warning("compare: GECo checkpoint %s was trained on %s, evaluated on %s",
-                    ckpt_path, trained["data"]["root"], cfg.data.root)
+                    ckpt_path, there, here)
+    data = open_eval_data(cfg.data, split)
     metrics = data.evaluate(retriever, rt=rt, image_size=trained["data"]["image_size"],
                             batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
                             ties=cfg.eval.ties, num_workers=cfg.data.num_workers)
     return {"label": MODELS["geco"].label, "metrics": metrics, "checkpoint": str(ckpt_path),
             "epoch": ckpt["epoch"] + 1, "trained_config": trained}
+
+
+# --------------------------------------------------------------------------- MLflow
+
+
+def tracking_requested(cfg: Config) -> bool:
+    """Compare logs to MLflow only when a tracking URI is set (config or environment)."""
+    import os
+
+    return cfg.tracking.enabled and bool(cfg.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI"))
+
+
+def open_tracking(cfg: Config, run_dir: Path, *, run_name: str = ""):
+    """The comparison's parent MLflow run (reopened when the same comparison reruns), or a
+    disabled tracker without a tracking URI."""
+    from geco.tracking import Tracker
+
+    if not tracking_requested(cfg):
+        return Tracker(cfg.tracking)
+    name = run_name or f"compare-{_dataset_name(cfg)}"
+    key = f"compare:{Path(run_dir).resolve()}" if not run_name else f"compare:{run_name}"
+    tracker, _ = Tracker.resume_or_start(cfg.tracking, key=key, run_name=name,
+                                         tags={"geco.kind": "compare"})
+    tracker.log_config(cfg.to_dict())
+    return tracker
+
+
+def log_comparison(tracker, result: dict[str, Any]) -> None:
+    """The table files and `<model>.<metric>` metrics on the parent run; one child run per
+    model with its metrics, per-epoch history and template grids."""
+    from geco.tracking import Tracker
+
+    if not tracker.enabled:
+        return
+    out_dir = Path(result["files"]["md"]).parent
+    for name in ("md", "csv", "json"):
+        tracker.log_artifact(out_dir / f"compare.{name}", "compare")
+    flat: dict[str, float] = {}
+    for name, r in result["models"].items():
+        flat.update({f"{name}.{k}": v for k, v in _numeric(r["metrics"]).items()})
+        key = f"{tracker.run_id}:{name}"
+        child, created = Tracker.resume_or_start(
+            tracker.cfg, key=key, run_name=f"{r['label']}", parent_run_id=tracker.run_id,
+            tags={"geco.kind": "compare-model", "geco.model": name,
+                  "geco.checkpoint": str(r.get("checkpoint") or "")})
+        with child:
+            if r.get("config"):
+                child.log_config(r["config"])
+            child.log_metrics({f"{result['split']}_{k}": v
+                               for k, v in _numeric(r["metrics"]).items()})
+            if created:
+                for row in r.get("history") or []:
+                    child.log_metrics(_numeric(row), step=int(row.get("epoch", 0)))
+                samples = r.get("samples_dir")
+                if samples and Path(samples).is_dir():
+                    for png in sorted(Path(samples).glob("*.png")):
+                        child.log_artifact(png, "samples")
+    tracker.log_metrics(flat)
+    result["mlflow_run_id"] = tracker.run_id
+
+
+def _numeric(record: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in record.items()
+            if isinstance(v, int | float) and not isinstance(v, bool) and k != "epoch"}
 
 
 # --------------------------------------------------------------------------- outputs

@@ -301,7 +301,7 @@ def test_cli_compare_writes_md_csv_json(synth_small, tmp_path, capsys):
 
 def test_cli_compare_names_the_missing_geco_checkpoint(synth_small, tmp_path, capsys):
     run = tmp_path / "run"
-    rc = main(["compare", "--run-dir", str(run), "--models", "random,geco",
+    rc = main(["compare", "--run-dir", str(run), "--models", "random,geco", "--no-train",
                f"data.root={synth_small}"])
     assert rc == 2
     err = capsys.readouterr().err
@@ -313,7 +313,8 @@ def test_model_names_are_checked():
     assert parse_models("geco, random,popularity,random") == ["geco", "popularity", "random"]
     with pytest.raises(ConfigError, match="unknown model 'nope'"):
         parse_models("random,nope")
-    with pytest.raises(ConfigError, match="not implemented yet"):
-        parse_models(["mgcm"])
+    assert parse_models(["bpr-dae", "mgcm"]) == ["mgcm", "bpr-dae"]
+    assert parse_models("all") == ["geco", "mgcm", "pix2pixcm", "bpr-dae", "popularity",
+                                   "random"]
     with pytest.raises(ConfigError, match="at least one"):
         parse_models(" , ")

@@ -285,6 +285,13 @@ class ShardStream(IterableDataset):
         for _ in items:  # runs the reader to its end, which closes the last shard
             raise DataError("shards hold more samples than planned (manifest out of date?)")
 
+    def raw_samples(self) -> Iterator[dict[str, Any] | None]:
+        """Every sample of every shard once, in shard order, undecoded (the tar members as
+        bytes plus __key__/__url__); None for a sample that could not be read in skip mode."""
+        ensure_s3(self.urls)
+        for sample in self._read([(i, 0, n) for i, n in enumerate(self.counts)]):
+            yield None if isinstance(sample, _Bad) else sample
+
     # reading raw samples
     def _read(self, segments: list[tuple[int, int, int]]) -> Iterator[Any]:
         for shard, first, end in segments:
