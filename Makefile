@@ -6,7 +6,7 @@ CONFIG ?= configs/synthetic-cpu.yaml
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo sweep demo-torch demo-local stop test lint bench gpu-smoke clean
+.PHONY: venv demo sweep compare compare-cluster demo-torch demo-local stop test lint bench gpu-smoke clean
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -48,6 +48,25 @@ sweep: venv
 	  $(VENV)/bin/ray job submit --runtime-env "$$(bash infra/local/ray.sh runtime-env)" -- \
 	  python ray_jobs/tune_geco.py --config $(CONFIG) --name $(NAME) \
 	  data.shards=$(SHARDS) cluster.storage_path=$(RAY_STORAGE) $(RAY_ARGS) $(SWEEP_ARGS)
+
+# The paper's Tables 2 and 3 on the synthetic default, in one process on this CPU: GECo
+# (trained into runs/compare unless it is there), MGCM, Pix2PixCM, BPR-DAE, Popularity and
+# Random -> runs/compare/compare/compare.{md,csv,json}. Re-running loads what was trained.
+COMPARE_DIR ?= runs/compare
+compare: venv
+	$(PY) -m geco.cli compare --config $(CONFIG) --run-dir $(COMPARE_DIR)
+
+# The same comparison as a Ray job on the demo's data and cluster: GECo is the demo's Ray
+# Train run (restored), the baselines run as Ray tasks; tables in s3://geco/ray/$(NAME)-compare/
+# and in MLflow. Run after `make demo`.
+compare-cluster: venv
+	bash infra/local/s3.sh start
+	bash infra/local/mlflow.sh start
+	bash infra/local/ray.sh start
+	eval "$$(bash infra/local/ray.sh env)" && \
+	  $(VENV)/bin/ray job submit --runtime-env "$$(bash infra/local/ray.sh runtime-env)" -- \
+	  python ray_jobs/compare.py --config $(CONFIG) --name $(NAME) \
+	  data.shards=$(SHARDS) cluster.storage_path=$(RAY_STORAGE) $(RAY_ARGS)
 
 # The same two stages in one process, without Ray (shards from S3 when SHARDS is set up).
 demo-torch: venv

@@ -148,8 +148,10 @@ def data_key(cfg: Config, train: Split) -> dict[str, Any]:
 
 
 def run_baseline(name: str, cfg: Config, out_dir: Path, train: Split, test: Split,
-                 images: Any, rt: Any = None) -> dict[str, Any]:
-    """Fit (train, resume or load) one baseline and evaluate it on `test`: its result entry."""
+                 images: Any, rt: Any = None,
+                 on_checkpoint: Callable[[Path], None] | None = None) -> dict[str, Any]:
+    """Fit (train, resume or load) one baseline and evaluate it on `test`: its result entry.
+    `on_checkpoint(path)` runs after each checkpoint a trainable baseline saves."""
     from geco.train.runtime import init_runtime
 
     entry = MODELS[name]
@@ -157,7 +159,7 @@ def run_baseline(name: str, cfg: Config, out_dir: Path, train: Split, test: Spli
         raise ConfigError(f"{name!r} is not a baseline")
     rt = rt or init_runtime(cfg.runtime)
     ctx = BaselineContext(cfg=cfg, images=images, train=train, out_dir=Path(out_dir), rt=rt,
-                          data_key=data_key(cfg, train))
+                          data_key=data_key(cfg, train), on_checkpoint=on_checkpoint)
     t0 = time.perf_counter()
     scorer = entry.make(ctx)
     scorer.fit(train)

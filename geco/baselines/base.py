@@ -50,6 +50,8 @@ class BaselineContext:
     out_dir: Path
     rt: Runtime
     data_key: dict[str, Any] = field(default_factory=dict)
+    # Called with the checkpoint path after every save (the Ray job uploads the folder).
+    on_checkpoint: Callable[[Path], None] | None = None
 
 
 class _Items(Dataset):
@@ -201,9 +203,10 @@ class EpochCheckpoint:
     when the config differs: retraining silently over a different model is lost work.
     """
 
-    def __init__(self, out_dir: Path, model: str, config: dict[str, Any]) -> None:
+    def __init__(self, out_dir: Path, model: str, config: dict[str, Any],
+                 on_save: Callable[[Path], None] | None = None) -> None:
         self.path = Path(out_dir) / "last.pt"
-        self.model, self.config = model, config
+        self.model, self.config, self.on_save = model, config, on_save
 
     def resume(self) -> dict[str, Any] | None:
         if not self.path.is_file():
@@ -223,6 +226,8 @@ class EpochCheckpoint:
     def save(self, epoch: int, state: dict[str, Any], history: list[dict[str, Any]]) -> None:
         save_checkpoint(self.path, {"model": self.model, "epoch": epoch, "state": state,
                                     "config": self.config, "history": history})
+        if self.on_save is not None:
+            self.on_save(self.path)
 
 
 def progress(name: str, epoch: int, epochs: int, steps: int, rt: Runtime,

@@ -1,0 +1,117 @@
+"""`geco compare` beyond the untrained baselines: reading shards into memory, the same table
+from shards as from the folder, MLflow logging, and the Ray job."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from geco.cli import main
+from geco.compare import run_compare
+from geco.config import load_config
+from geco.data.images import ImageFolder
+from geco.data.shard_images import read_shard_dataset
+from geco.data.shards import ShardSpec, write_shards
+from geco.data.splits import load_splits, resolve_layout
+from geco.errors import DataError
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ShardSpec(image_size=32, jpeg_quality=90, samples_per_shard=60, catalogue_per_shard=70)
+
+
+@pytest.fixture(scope="module")
+def shards(synth_small, tmp_path_factory) -> Path:
+    layout = resolve_layout(synth_small)
+    out = tmp_path_factory.mktemp("compare-shards")
+    write_shards(load_splits(layout), ImageFolder(layout.img_dir), out, SPEC, source="small")
+    return out
+
+
+def test_shards_read_back_as_the_folder_splits(synth_small, shards):
+    folder = load_splits(resolve_layout(synth_small))
+    got, images = read_shard_dataset(str(shards), ("train", "test"))
+    for name in ("train", "test"):
+        a, b = folder[name], got[name]
+        assert (a.tops, a.bottoms, a.negatives) == (b.tops, b.bottoms, b.negatives), name
+        assert b.lines == a.lines  # errors still point at the CSV line
+    ids = {i for s in got.values() for i in (*s.tops, *s.bottoms)}
+    ids |= {n for row in got["test"].negatives for n in row}
+    assert ids <= set(images.data)
+    im = images.load(got["test"].negatives[0][0])
+    assert im.size == (32, 32) and im.mode == "RGB"
+    with pytest.raises(DataError, match="'nope' is not in the shards.*row 7"):
+        images.load("nope", context="row 7")
+    with pytest.raises(DataError, match="no split 'valid2'"):
+        read_shard_dataset(str(shards), ("valid2",))
+
+
+def test_compare_from_shards_equals_compare_from_the_folder(synth_small, shards, tmp_path):
+    base = ["data.kind=standard", "data.num_workers=0"]
+    a = run_compare(load_config(None, [*base, f"data.root={synth_small}"]), tmp_path / "a",
+                    "random,popularity")
+    b = run_compare(load_config(None, [*base, f"data.shards={shards}", "data.root=/nonexistent"]),
+                    tmp_path / "b", "random,popularity")
+    for name in ("random", "popularity"):
+        ma, mb = a["models"][name]["metrics"], b["models"][name]["metrics"]
+        ma.pop("eval_seconds"), mb.pop("eval_seconds")
+        assert ma == mb, name
+    assert b["dataset"] == str(shards) and (tmp_path / "b" / "compare" / "config.yaml").is_file()
+    again = load_config(str(tmp_path / "b" / "compare" / "config.yaml"))
+    assert again.data.shards == str(shards)
+
+
+def test_compare_logs_to_mlflow_when_a_tracking_uri_is_set(synth_small, tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = tmp_path / "run"
+    argv = ["compare", "--run-dir", str(run), "--models", "random,popularity",
+            f"data.root={synth_small}", "data.kind=standard", f"tracking.uri={uri}",
+            "tracking.experiment=cmp"]
+    assert main(argv) == 0
+    data = json.loads((run / "compare" / "compare.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    parent = client.get_run(data["mlflow_run_id"])
+    assert parent.data.tags["geco.kind"] == "compare"
+    rnd = data["models"]["random"]["metrics"]
+    assert parent.data.metrics["random.auc_1vs1"] == pytest.approx(rnd["auc_1vs1"])
+    assert parent.data.metrics["popularity.mrr_full"] == pytest.approx(
+        data["models"]["popularity"]["metrics"]["mrr_full"])
+    arts = {a.path for a in client.list_artifacts(parent.info.run_id, "compare")}
+    assert arts == {"compare/compare.md", "compare/compare.csv", "compare/compare.json"}
+    exp = client.get_experiment_by_name("cmp")
+    children = client.search_runs([exp.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(c.data.tags["geco.model"] for c in children) == ["popularity", "random"]
+    child = next(c for c in children if c.data.tags["geco.model"] == "random")
+    assert child.data.metrics["test_mrr_1vs9"] == pytest.approx(rnd["mrr_1vs9"])
+    # Re-running reopens the same runs instead of adding new ones.
+    assert main(argv) == 0
+    again = json.loads((run / "compare" / "compare.json").read_text())
+    assert again["mlflow_run_id"] == data["mlflow_run_id"]
+    assert len(client.search_runs([exp.experiment_id])) == 3
+
+
+def test_compare_without_a_tracking_uri_logs_nothing(synth_small, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert main(["compare", "--run-dir", str(tmp_path / "run"), "--models", "random",
+                 f"data.root={synth_small}", "data.kind=standard"]) == 0
+    data = json.loads((tmp_path / "run" / "compare" / "compare.json").read_text())
+    assert "mlflow_run_id" not in data
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "runs").exists()
+
+
+def test_ray_compare_job_help_and_bad_models():
+    job = ROOT / "ray_jobs" / "compare.py"
+    out = subprocess.run([sys.executable, str(job), "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "--models" in out.stdout
+    bad = subprocess.run([sys.executable, str(job), "--models", "random,nope"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
+    assert "Traceback" not in bad.stderr
