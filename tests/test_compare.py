@@ -115,3 +115,20 @@ def test_ray_compare_job_help_and_bad_models():
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "unknown model 'nope'" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_untrained_baselines_on_mango_dev_with_its_gpu_config(shared_data, tmp_path):
+    """configs/mango-dev-gpu.yaml loads and points at the real data; Random and Popularity
+    (no images decoded) give a table on the real test split."""
+    data = shared_data / "mango-dev"
+    if not (data / "files" / "test.csv").is_file():
+        pytest.skip("mango-dev not present")
+    cfg = load_config(str(ROOT / "configs" / "mango-dev-gpu.yaml"), [f"data.root={data}"])
+    result = run_compare(cfg, tmp_path / "run", "random,popularity")
+    test = load_splits(resolve_layout(data), splits=("test",))["test"]
+    assert result["n_queries"] == len(test) and result["n_candidates"] == len(
+        test.unique_bottoms())
+    rnd = result["models"]["random"]["metrics"]
+    assert 0.35 < rnd["auc_1vs1"] < 0.65 and 0.2 < rnd["mrr_1vs9"] < 0.4
+    md = (tmp_path / "run" / "compare" / "compare.md").read_text()
+    assert "| Model | mango-dev AUC | mango-dev MRR |" in md
