@@ -15,6 +15,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV_BIN="${GECO_VENV_BIN:-$REPO/.venv/bin}"
 PYTHON="${GECO_PYTHON:-$VENV_BIN/python}"
+. "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 MLFLOW="${GECO_MLFLOW:-$VENV_BIN/mlflow}"
 START_TIMEOUT="${GECO_MLFLOW_START_TIMEOUT:-90}"
 STOP_TIMEOUT="${GECO_MLFLOW_STOP_TIMEOUT:-15}"
@@ -51,27 +52,7 @@ mlflow_port() {
     fi
 }
 
-running_pid() {
-    [ -f "$PIDFILE" ] || return 1
-    local pid; pid="$(cat "$PIDFILE" 2>/dev/null || true)"
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
-    # Guard against a recycled pid: it must still be our mlflow server.
-    grep -q "mlflow" "/proc/$pid/cmdline" 2>/dev/null || return 1
-    echo "$pid"
-}
-
-port_busy() {
-    "$PYTHON" - "$1" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn will; TIME_WAIT is fine
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(0)
-sys.exit(1)
-EOF
-}
+running_pid() { pid_of "$PIDFILE" mlflow; }
 
 healthy() {
     "$PYTHON" - "$1" <<'EOF'

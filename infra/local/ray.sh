@@ -47,6 +47,7 @@ export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
 export PATH="$VENV_BIN:$PATH"
 RAY="$VENV_BIN/ray"
 PYTHON="$VENV_BIN/python"
+. "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 
 # The ports of the last start (so stop/status/env find this head), else the defaults.
 load_ports() {
@@ -65,26 +66,6 @@ load_ports() {
 head_pids() { pgrep -u "$(id -u)" -f -- "$TEMP_DIR" || true; }
 
 alive() { "$RAY" status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; }
-
-free_port() {
-    "$PYTHON" - <<'EOF'
-import socket
-s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])
-EOF
-}
-
-port_busy() {
-    "$PYTHON" - "$1" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers will; TIME_WAIT is fine
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(0)
-sys.exit(1)
-EOF
-}
 
 cmd_start() {
     load_ports

@@ -15,6 +15,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 PYTHON="${GECO_PYTHON:-$REPO/.venv/bin/python}"
+. "$(dirname "${BASH_SOURCE[0]}")/_lib.sh"
 START_TIMEOUT="${GECO_S3_START_TIMEOUT:-60}"
 STOP_TIMEOUT="${GECO_S3_STOP_TIMEOUT:-15}"
 
@@ -70,14 +71,7 @@ s3_port() {
     fi
 }
 
-running_pid() {
-    [ -f "$PIDFILE" ] || return 1
-    local pid; pid="$(cat "$PIDFILE" 2>/dev/null || true)"
-    [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || return 1
-    # Guard against a recycled pid: it must still be our weed process.
-    grep -q "weed" "/proc/$pid/cmdline" 2>/dev/null || return 1
-    echo "$pid"
-}
+running_pid() { pid_of "$PIDFILE" weed; }
 
 ensure_credentials() {
     mkdir -p "$S3DIR"
@@ -164,19 +158,6 @@ for _ in range(10000):
 if len(ports) < n:
     sys.exit("s3.sh: could not find free loopback ports")
 print(" ".join(map(str, ports)))
-EOF
-}
-
-port_busy() {
-    "$PYTHON" - "$1" <<'EOF'
-import socket, sys
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server will; TIME_WAIT is fine
-try:
-    s.bind(("127.0.0.1", int(sys.argv[1])))
-except OSError:
-    sys.exit(0)
-sys.exit(1)
 EOF
 }
 
