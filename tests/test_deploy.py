@@ -60,7 +60,7 @@ USER_SECRETS = {
 }
 IMAGE_REPO_DIR = "/home/ray/geco"  # WORKDIR of infra/docker/Dockerfile: where ray_jobs/ lives
 CONFIG_MOUNT = "/etc/geco"  # the ConfigMap geco-config in the Ray head
-JOB_KINDS = {"train", "sweep", "promote"}
+JOB_KINDS = {"train", "sweep", "promote", "compare"}
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
 
 SECRET_NAME = re.compile(r"(?i)(password|passwd|secret|token|credential|access_key|private_key|"
@@ -607,8 +607,9 @@ def test_rayjobs_train_sweep_promote(overlay):
         argv = shlex.split(spec["entrypoint"])
         assert argv[0] == "python" and argv[1].startswith(IMAGE_REPO_DIR + "/ray_jobs/")
         assert (REPO / argv[1][len(IMAGE_REPO_DIR) + 1:]).is_file(), argv[1]
-    # train and sweep run on a cluster exactly like the long-lived one; promote on its head.
-    for kind in ("train", "sweep"):
+    # train, sweep and compare run on a cluster exactly like the long-lived one; promote on
+    # its head.
+    for kind in ("train", "sweep", "compare"):
         assert jobs[kind]["spec"]["rayClusterSpec"] == rc["spec"], kind
     promote = jobs["promote"]["spec"]["rayClusterSpec"]
     assert not promote.get("workerGroupSpecs") and not promote["enableInTreeAutoscaling"]
@@ -650,7 +651,10 @@ def _job_config(objs: list[dict], job: dict, tmp_path: Path, monkeypatch):
         p = _common.parser(script)
         p.add_argument("--cigm", default="")
         p.add_argument("--split", default="test")
+        p.add_argument("--models", default="all")
         parsed = p.parse_args(args)
+        if script == "compare.py":
+            pytest.importorskip("geco.compare").parse_models(parsed.models)
         overrides = [*parsed.overrides, f"cluster.name={parsed.name}"]
     assert parsed.config == f"{CONFIG_MOUNT}/geco.yaml"
     return load_config(tmp_path / "geco.yaml", overrides)
