@@ -1,0 +1,451 @@
+"""MGCM (REFERENCE §5.3) and Pix2PixCM (§5.4): a template generator trained by GAN + L1, and
+a compatibility model (pants encoder E + BPRNet) trained by BPR on top of the generator's
+frozen features. The two share everything but the generator and discriminator
+(`geco.models.gancm`), so one trainer serves both.
+
+Score of a (top t, bottom b) pair, used in training (BPR) and in the scorer:
+
+    m = α·⟨s_t, s_b⟩ + sign·β·Σ|d1(t) − E(b)|
+
+s_t = BPRNet.top(generator top embedding of t: MGCM `enc`, Pix2PixCM `e5`), s_b =
+BPRNet.bottom(E(b)), d1(t) the generator's template embedding. sign = +1 with
+`faithful=True` (the reference, §7 item 10: a farther template scores higher), −1 otherwise.
+
+Per training iteration (B tops, each with `n_negatives` rolled in-batch negatives):
+
+1. D step on Ĝ = G(t) (generator in train mode):
+   default: ν·½·(MSE(D(t, Ĝ.detach()), 0) + MSE(D(t, b), 1));
+   faithful (§7 item 9, the reference's misplaced parenthesis):
+   ν·½·MSE(D(t, Ĝ).detach(), 0 + ½·MSE(D(t, b), 1)) — no gradient through the fake
+   prediction; D is only asked to make ½·MSE(D(real), 1) match its fake predictions.
+2. G step, a new forward Ĝ = G(t): μ·½·MSE(D(t, Ĝ), 1) + λ_L1·mean|Ĝ − b|.
+3. Compatibility step: the generator in eval mode and under no_grad (the reference computes
+   the generator's gradients here but never applies them: the same training), BPR
+   −mean log(σ(m_pos − m_neg) + 1e-12) over the B×n_negatives pairs; steps E + BPRNet only;
+   the generator goes back to train mode.
+
+Three Adams (D; G; E + BPRNet), coupled weight decay, as the reference. The model is the one
+after the last epoch (the reference evaluates its epoch-58 checkpoint of 60, §7 item 19).
+Every epoch runs under its own RNG stream seeded from (seed, epoch), so a resumed run
+trains exactly like an uninterrupted one on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchvision.utils import save_image
+
+from geco.baselines.base import (
+    BaselineContext,
+    EmbeddingScorer,
+    EpochCheckpoint,
+    Transform,
+    pair_loader,
+    progress,
+    rolled_negatives,
+)
+from geco.config import GanCMConfig
+from geco.data.splits import Split
+from geco.data.transforms import denormalize_gan, gan_transform
+from geco.models.gancm import build_gancm, compat_score
+from geco.train.runtime import Runtime
+
+__all__ = [
+    "GanCMModel",
+    "GanCMScorer",
+    "MGCMScorer",
+    "Pix2PixCMScorer",
+    "bpr_loss",
+    "discriminator_loss",
+    "generator_loss",
+    "save_gancm_grid",
+    "train_gancm",
+]
+
+log = logging.getLogger("geco")
+
+N_GRID = 8  # training pairs in the per-epoch template grid
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def _mse_to(pred: Tensor, value: float | Tensor) -> Tensor:
+    target = torch.as_tensor(value, dtype=pred.dtype, device=pred.device).expand_as(pred)
+    return F.mse_loss(pred, target)
+
+
+def discriminator_loss(d_fake: Tensor, d_real: Tensor, *, nu: float, faithful: bool) -> Tensor:
+    """The D loss from D's (sigmoid) predictions on (top, generated) and (top, true bottom).
+
+    default: ν·½·(MSE(d_fake, 0) + MSE(d_real, 1)) — pass d_fake computed on a detached
+    template so no gradient reaches the generator.
+    faithful: ν·½·MSE(d_fake.detach(), target) with target = 0 + ½·MSE(d_real, 1) (a scalar
+    that carries d_real's gradient, broadcast to d_fake's shape) — the reference's bug."""
+    if faithful:
+        target = 0 + 0.5 * _mse_to(d_real, 1.0)
+        return nu * 0.5 * F.mse_loss(d_fake.detach(), target.expand_as(d_fake))
+    return nu * 0.5 * (_mse_to(d_fake, 0.0) + _mse_to(d_real, 1.0))
+
+
+def generator_loss(d_fake: Tensor, fake: Tensor, bottom: Tensor, *, mu: float,
+                   lambda_l1: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, adversarial term ½·MSE(d_fake, 1), L1 term mean|fake − bottom|); loss =
+    μ·adv + λ_L1·L1."""
+    adv = 0.5 * _mse_to(d_fake, 1.0)
+    l1 = F.l1_loss(fake, bottom)
+    return mu * adv + lambda_l1 * l1, adv, l1
+
+
+def bpr_loss(pos: Tensor, neg: Tensor) -> Tensor:
+    """−mean log(σ(pos − neg) + 1e-12) over pos [B] against neg [B, K]."""
+    return -torch.log(torch.sigmoid(pos[:, None] - neg) + 1e-12).mean()
+
+
+# --------------------------------------------------------------------------- model
+
+
+def _count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+class GanCMModel:
+    """The four networks of one GAN baseline on `device`, their three Adams and the training
+    step. `kind` is "mgcm" or "pix2pixcm"; `section` its config section."""
+
+    def __init__(self, kind: str, section: GanCMConfig, device: torch.device | str = "cpu", *,
+                 rt: Runtime | None = None) -> None:
+        self.kind, self.cfg = kind, section
+        self.rt = rt
+        self.device = torch.device(rt.device if rt is not None else device)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(section.seed)
+            g, d, e, b = build_gancm(kind, section.features, section.emb_dim)
+        fmt = (torch.channels_last if rt is not None and rt.channels_last
+               else torch.contiguous_format)
+        self.generator = g.to(self.device, memory_format=fmt)
+        self.discriminator = d.to(self.device, memory_format=fmt)
+        self.encoder = e.to(self.device, memory_format=fmt)
+        self.bprnet = b.to(self.device)
+        adam = dict(lr=section.lr, betas=tuple(section.betas), weight_decay=section.weight_decay)
+        self.opt_d = torch.optim.Adam(self.discriminator.parameters(), **adam)
+        self.opt_g = torch.optim.Adam(self.generator.parameters(), **adam)
+        self.opt_c = torch.optim.Adam([*self.encoder.parameters(), *self.bprnet.parameters()],
+                                      **adam)
+
+    # ---- bookkeeping
+    def _autocast(self, enabled: bool = True):
+        if enabled and self.rt is not None:
+            return self.rt.autocast()
+        return contextlib.nullcontext()
+
+    def params(self) -> dict[str, int]:
+        return {"generator": _count(self.generator), "discriminator": _count(self.discriminator),
+                "encoder": _count(self.encoder), "bprnet": _count(self.bprnet)}
+
+    def train(self) -> None:
+        for m in (self.generator, self.discriminator, self.encoder, self.bprnet):
+            m.train()
+
+    def eval(self) -> None:
+        for m in (self.generator, self.discriminator, self.encoder, self.bprnet):
+            m.eval()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.state_dict(),
+                "discriminator": self.discriminator.state_dict(),
+                "encoder": self.encoder.state_dict(), "bprnet": self.bprnet.state_dict(),
+                "opt_d": self.opt_d.state_dict(), "opt_g": self.opt_g.state_dict(),
+                "opt_c": self.opt_c.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.generator.load_state_dict(state["generator"])
+        self.discriminator.load_state_dict(state["discriminator"])
+        self.encoder.load_state_dict(state["encoder"])
+        self.bprnet.load_state_dict(state["bprnet"])
+        self.opt_d.load_state_dict(state["opt_d"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_c.load_state_dict(state["opt_c"])
+
+    # ---- score pieces
+    def score(self, s_t: Tensor, s_b: Tensor, d1: Tensor, e_b: Tensor) -> Tensor:
+        c = self.cfg
+        return compat_score(s_t.float(), s_b.float(), d1.float(), e_b.float(), alpha=c.alpha,
+                            beta=c.beta, faithful=c.faithful)
+
+    def top_parts(self, top: Tensor, *, amp: bool = True) -> tuple[Tensor, Tensor]:
+        """(s_t [B, emb_dim], d1 [B, 8f·4]) with the networks in their current mode; `amp`
+        False runs in fp32 even where the runtime autocasts."""
+        with self._autocast(amp):
+            emb, d1, _ = self.generator(top)
+            s_t = self.bprnet.top(emb)
+        return s_t.float(), d1.float().flatten(1)
+
+    def bottom_parts(self, bottom: Tensor, *, amp: bool = True) -> tuple[Tensor, Tensor]:
+        """(s_b [B, emb_dim], E(b) [B, 8f·4]) with the networks in their current mode."""
+        with self._autocast(amp):
+            e_b = self.encoder(bottom)
+            s_b = self.bprnet.bottom(e_b)
+        return s_b.float(), e_b.float().flatten(1)
+
+    # ---- training
+    def gan_step(self, top: Tensor, bottom: Tensor) -> dict[str, Tensor]:
+        """One D step and one G step (REFERENCE §5.3 steps 1-2). Returns the loss terms
+        unweighted (before ν, μ, λ_L1): d_loss, g_adv (½·MSE(D(t, Ĝ), 1)), g_l1."""
+        c = self.cfg
+        g, d = self.generator, self.discriminator
+        with self._autocast():
+            fake = g(top)[2]
+            d_fake = d(top, fake.detach())[0].float()
+            d_real = d(top, bottom)[0].float()
+        d_loss = discriminator_loss(d_fake, d_real, nu=1.0, faithful=c.faithful)
+        self.opt_d.zero_grad(set_to_none=True)
+        (c.nu * d_loss).backward()
+        self.opt_d.step()
+
+        with self._autocast():
+            fake = g(top)[2]
+            d_fake = d(top, fake)[0].float()
+        g_loss, adv, l1 = generator_loss(d_fake, fake.float(), bottom.float(), mu=c.mu,
+                                         lambda_l1=c.lambda_l1)
+        self.opt_g.zero_grad(set_to_none=True)
+        g_loss.backward()
+        self.opt_g.step()
+        return {"d_loss": d_loss.detach(), "g_adv": adv.detach(), "g_l1": l1.detach()}
+
+    def compat_step(self, top: Tensor, bottom: Tensor) -> Tensor:
+        """One BPR step of E + BPRNet on fixed generator features (§5.3 step 3)."""
+        self.generator.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                emb, d1, _ = self.generator(top)
+        finally:
+            self.generator.train()
+        with self._autocast():
+            s_t = self.bprnet.top(emb)
+            e_b = self.encoder(bottom)
+            s_b = self.bprnet.bottom(e_b)
+        s_t, s_b = s_t.float(), s_b.float()
+        d1, e_b = d1.float().flatten(1), e_b.float().flatten(1)
+        k = self.cfg.n_negatives
+        pos = self.score(s_t, s_b, d1, e_b)
+        neg = self.score(s_t[:, None], rolled_negatives(s_b, k), d1[:, None],
+                         rolled_negatives(e_b, k))
+        loss = bpr_loss(pos, neg)
+        self.opt_c.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt_c.step()
+        return loss.detach()
+
+    def train_step(self, top: Tensor, bottom: Tensor) -> dict[str, Tensor]:
+        parts = self.gan_step(top, bottom)
+        parts["bpr"] = self.compat_step(top, bottom)
+        return parts
+
+
+# --------------------------------------------------------------------------- samples
+
+
+@torch.no_grad()
+def save_gancm_grid(model: GanCMModel, tops: Tensor, bottoms: Tensor, path: Path) -> Path:
+    """PNG, one row per pair: top | generated template | true bottom (generator in eval)."""
+    g = model.generator
+    was_training = g.training
+    g.eval()
+    try:
+        with model._autocast():
+            fake = g(tops.to(model.device))[2].float().cpu()
+    finally:
+        g.train(was_training)
+    rows = torch.stack([denormalize_gan(tops.cpu()), denormalize_gan(fake),
+                        denormalize_gan(bottoms.cpu())], dim=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(rows.flatten(0, 1), path, nrow=3, padding=2, pad_value=1.0)
+    return path
+
+
+# --------------------------------------------------------------------------- training loop
+
+
+def _epoch_rng_seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + 7919 * (epoch + 1)) % (2**63 - 1)
+
+
+def train_gancm(model: GanCMModel, ctx: BaselineContext, train: Split, *,
+                name: str) -> dict[str, Any]:
+    """Train (or resume) `model` on `train` for its section's epochs, checkpointing into
+    `ctx.out_dir/last.pt` and writing `ctx.out_dir/samples/epoch_NNN.png` after every epoch.
+
+    History: one dict per epoch, {"epoch" (1-based), "d_loss", "g_adv", "g_l1", "bpr" (step
+    means of the unweighted terms, see `GanCMModel.gan_step`), "steps", "samples",
+    "samples_per_s", "seconds"}. Returns {"checkpoint", "history", "samples_dir",
+    "epochs_trained" (by this call), "train_seconds", "start_epoch" (0 = from scratch)}."""
+    c, rt = model.cfg, ctx.rt
+    out = Path(ctx.out_dir)
+    ckpt = EpochCheckpoint(out, name, {"baseline": asdict(c), "data": dict(ctx.data_key)},
+                           on_save=ctx.on_checkpoint)
+    samples_dir = out / "samples"
+    history: list[dict[str, Any]] = []
+    start = 0
+    saved = ckpt.resume()
+    if saved is not None:
+        model.load_state_dict(saved["state"])
+        history = list(saved.get("history", []))
+        start = int(saved["epoch"]) + 1
+        if start < c.epochs:
+            log.info("[%s] resuming from %s after epoch %d", name, ckpt.path, start)
+        else:
+            log.info("[%s] %s is complete (%d epochs): nothing to train", name, ckpt.path, start)
+
+    t0 = time.perf_counter()
+    trained = 0
+    if start < c.epochs:
+        transform = gan_transform(c.image_size)
+        n_grid = min(N_GRID, len(train))
+        grid_tops = torch.stack([transform(ctx.images.load(train.tops[i], context=train.where(i)))
+                                 for i in range(n_grid)])
+        grid_bottoms = torch.stack([transform(ctx.images.load(train.bottoms[i],
+                                                              context=train.where(i)))
+                                    for i in range(n_grid)])
+        cuda = [model.device] if model.device.type == "cuda" else []
+        num_workers = ctx.cfg.data.num_workers
+        for epoch in range(start, c.epochs):
+            loader = pair_loader(train, ctx.images, transform, batch_size=c.batch_size,
+                                 seed=c.seed, epoch=epoch, num_workers=num_workers)
+            steps = len(loader)
+            if c.max_steps_per_epoch:
+                steps = min(steps, c.max_steps_per_epoch)
+            prog = progress(name, epoch, c.epochs, steps, rt, ctx.cfg.runtime.log_every)
+            t_epoch = time.perf_counter()
+            model.train()
+            with torch.random.fork_rng(devices=cuda):
+                torch.manual_seed(_epoch_rng_seed(c.seed, epoch))
+                t_data = time.perf_counter()
+                for step, batch in enumerate(loader, start=1):
+                    if step > steps:
+                        break
+                    data_time = time.perf_counter() - t_data
+                    top, bottom = rt.to_device(batch["top"]), rt.to_device(batch["bottom"])
+                    parts = model.train_step(top, bottom)
+                    prog.update(step, top.shape[0], data_time,
+                                {k: float(v) for k, v in parts.items()})
+                    t_data = time.perf_counter()
+            seconds = time.perf_counter() - t_epoch
+            means = prog.means()
+            record = {"epoch": epoch + 1, **{k: means.get(k, float("nan"))
+                                             for k in ("d_loss", "g_adv", "g_l1", "bpr")},
+                      "steps": prog.count, "samples": prog.samples,
+                      "samples_per_s": prog.samples / max(seconds, 1e-9), "seconds": seconds}
+            history.append(record)
+            model.eval()
+            save_gancm_grid(model, grid_tops, grid_bottoms,
+                            samples_dir / f"epoch_{epoch + 1:03d}.png")
+            ckpt.save(epoch, model.state_dict(), history)
+            trained += 1
+            log.info("[%s] epoch %d/%d done: d=%.4f g_adv=%.4f g_l1=%.4f bpr=%.4f | "
+                     "%.1f samples/s | %.1fs", name, epoch + 1, c.epochs, record["d_loss"],
+                     record["g_adv"], record["g_l1"], record["bpr"], record["samples_per_s"],
+                     seconds)
+    model.eval()
+    return {"checkpoint": ckpt.path, "history": history, "samples_dir": samples_dir,
+            "epochs_trained": trained, "train_seconds": time.perf_counter() - t0,
+            "start_epoch": start}
+
+
+# --------------------------------------------------------------------------- scorers
+
+
+class GanCMScorer(EmbeddingScorer):
+    """A trained GAN baseline as a `geco.baselines.Scorer`.
+
+    Top embedding = cat(s_t, d1(t).flatten()), bottom embedding = cat(s_b, E(b).flatten()),
+    both [emb_dim + 8f·4], computed in fp32 with every network in eval mode; `match` /
+    `match_pool` split them back and compute the score of the module docstring (pool: a
+    matrix product plus torch.cdist(p=1), in row chunks)."""
+
+    name = "gancm"
+    kind = ""
+    pool_chunk = 1024  # query rows per cdist call in match_pool
+
+    def __init__(self, ctx: BaselineContext) -> None:
+        super().__init__(ctx.images, device=ctx.rt.device, batch_size=ctx.cfg.eval.batch_size,
+                         num_workers=ctx.cfg.data.num_workers)
+        self.ctx = ctx
+        self.section: GanCMConfig = getattr(ctx.cfg.baselines, self.name)
+        self.model = GanCMModel(self.kind, self.section, rt=ctx.rt)
+        self.model.eval()
+        self.emb_dim = self.section.emb_dim
+        self.checkpoint: Path | None = None
+        self.history: list[dict[str, Any]] = []
+        self.samples_dir: Path | None = None
+        self.info: dict[str, Any] = {}
+
+    def fit(self, train: Split) -> None:
+        result = train_gancm(self.model, self.ctx, train, name=self.name)
+        self.checkpoint, self.history = result["checkpoint"], result["history"]
+        self.samples_dir = result["samples_dir"]
+        self.info = {"generator": type(self.model.generator).__name__,
+                     "discriminator": type(self.model.discriminator).__name__,
+                     "params": self.model.params(),
+                     "epochs": len(self.history),
+                     "epochs_trained": result["epochs_trained"],
+                     "resumed_after_epoch": result["start_epoch"],
+                     "train_seconds": result["train_seconds"],
+                     "faithful": self.section.faithful}
+        self.reset()
+
+    # ---- EmbeddingScorer API
+    def top_transform(self) -> Transform:
+        return gan_transform(self.section.image_size)
+
+    def embed_tops(self, x: Tensor) -> Tensor:
+        self.model.eval()
+        s_t, d1 = self.model.top_parts(x, amp=False)
+        return torch.cat([s_t, d1], dim=1)
+
+    def embed_bottoms(self, x: Tensor) -> Tensor:
+        self.model.eval()
+        s_b, e_b = self.model.bottom_parts(x, amp=False)
+        return torch.cat([s_b, e_b], dim=1)
+
+    def match(self, t: Tensor, b: Tensor) -> Tensor:
+        e, out = self.emb_dim, []
+        for i in range(0, t.shape[0], self.pool_chunk):
+            tt, bb = t[i:i + self.pool_chunk, None], b[i:i + self.pool_chunk]
+            out.append(self.model.score(tt[..., :e], bb[..., :e], tt[..., e:], bb[..., e:]))
+        return torch.cat(out) if out else t.new_zeros(0, b.shape[1])
+
+    def match_pool(self, t: Tensor, b: Tensor) -> Tensor:
+        c, e = self.section, self.emb_dim
+        sign = 1.0 if c.faithful else -1.0
+        t, b = t.float(), b.float()
+        b_s, b_d = b[:, :e], b[:, e:].contiguous()
+        out = []
+        for i in range(0, t.shape[0], self.pool_chunk):
+            tt = t[i:i + self.pool_chunk]
+            dist = torch.cdist(tt[:, e:].contiguous(), b_d, p=1)
+            out.append(c.alpha * (tt[:, :e] @ b_s.T) + sign * c.beta * dist)
+        return torch.cat(out) if out else t.new_zeros(0, b.shape[0])
+
+
+class MGCMScorer(GanCMScorer):
+    """MGCM (REFERENCE §5.3), config section `cfg.baselines.mgcm`."""
+
+    name = "mgcm"
+    kind = "mgcm"
+
+
+class Pix2PixCMScorer(GanCMScorer):
+    """Pix2PixCM (REFERENCE §5.4), config section `cfg.baselines.pix2pixcm`."""
+
+    name = "pix2pixcm"
+    kind = "pix2pixcm"
