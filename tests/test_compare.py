@@ -132,3 +132,99 @@ def test_untrained_baselines_on_mango_dev_with_its_gpu_config(shared_data, tmp_p
     assert 0.35 < rnd["auc_1vs1"] < 0.65 and 0.2 < rnd["mrr_1vs9"] < 0.4
     md = (tmp_path / "run" / "compare" / "compare.md").read_text()
     assert "| Model | mango-dev AUC | mango-dev MRR |" in md
+
+
+# Tiny settings: the job test checks the orchestration (every model scored on the same rows,
+# checkpoints in storage, resume, MLflow), not learning (tests/test_bprdae.py, test_gancm.py
+# and test_learning.py do that).
+TINY = ["data.image_size=64", "data.num_workers=0", "cigm.features=8", "cigm.epochs=1",
+        "cigm.batch_size=16", "geco.epochs=1", "geco.batch_size=16",
+        "geco.backbone.weights=random", "geco.backbone.allow_random_init=true",
+        "cluster.num_workers=2", "runtime.log_every=1000",
+        "baselines.bpr_dae.features=backbone", "baselines.bpr_dae.image_size=32",
+        "baselines.bpr_dae.hidden=32", "baselines.bpr_dae.batch_size=32",
+        "baselines.mgcm.features=8", "baselines.mgcm.batch_size=16",
+        "baselines.mgcm.max_steps_per_epoch=3"]
+
+
+@pytest.mark.slow
+def test_ray_compare_job_scores_every_model_resumes_and_logs(ray_head, s3_env, mlflow_server,
+                                                             synth_small, tmp_path):
+    import torch
+    from mlflow import MlflowClient
+
+    from geco.compare import run_baseline
+    from geco.data.storage import Storage
+    from geco.train.runtime import init_runtime
+
+    shards = f"s3://{s3_env.bucket}/cmp-shards"
+    assert main(["data", "shard", "--out", shards, "--image-size", "64",
+                 "--samples-per-shard", "100", f"data.root={synth_small}",
+                 "data.kind=standard"]) == 0
+    storage = f"s3://{s3_env.bucket}/cmp-runs"
+    base = [*TINY, f"data.shards={shards}", f"cluster.storage_path={storage}",
+            "tracking.experiment=cmp-job"]
+
+    # A BPR-DAE run interrupted after epoch 1 of 2, as a task would have left it in storage.
+    root = Storage(f"{storage}/cmp-compare")
+    cfg = load_config(None, [*base, "baselines.bpr_dae.epochs=1"])
+    cfg.tracking.enabled = False
+    splits, images = read_shard_dataset(shards, ("train", "test"))
+    run_baseline("bpr-dae", cfg, tmp_path / "bpr-dae", splits["train"], splits["test"], images,
+                 init_runtime(cfg.runtime))
+    root.sync_dir(tmp_path / "bpr-dae", prefix="bpr-dae")
+
+    env = ray_head.runtime_env(tmp_path / "runtime_env.json",
+                               {**s3_env.profile_env, "MLFLOW_TRACKING_URI": mlflow_server.uri})
+    args = ["ray_jobs/compare.py", "--name", "cmp", "--models",
+            "geco,mgcm,bpr-dae,popularity,random", *base, "baselines.bpr_dae.epochs=2",
+            "baselines.mgcm.epochs=1"]
+    proc = ray_head.submit(env, *args)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    assert "bpr-dae resumes from" in out and "samples/s" in out
+
+    data = json.loads(root.get_bytes("compare.json"))
+    assert list(data["models"]) == ["geco", "mgcm", "bpr-dae", "popularity", "random"]
+    n = {(m["metrics"]["n_queries"], m["metrics"]["n_candidates"])
+         for m in data["models"].values()}
+    assert n == {(len(splits["test"]), len(splits["test"].unique_bottoms()))}
+    assert data["models"]["geco"]["checkpoint"].startswith(f"{storage}/cmp-geco")
+    for name in ("mgcm", "bpr-dae"):
+        assert data["models"][name]["checkpoint"] == f"{storage}/cmp-compare/{name}/last.pt"
+    assert [h["epoch"] for h in data["models"]["bpr-dae"]["history"]] == [1, 2]
+    assert data["models"]["bpr-dae"]["info"]["resumed_after_epoch"] == 1
+    assert root.exists("mgcm/samples/epoch_001.png")
+    md = root.get_bytes("compare.md").decode()
+    assert "| GECo |" in md and "| BPR-DAE |" in md and "| MGCM |" in md
+    last = torch.load(io_bytes(root.get_bytes("bpr-dae/last.pt")), weights_only=True)
+    assert last["epoch"] == 1  # 0-based: both epochs done
+
+    client = MlflowClient(tracking_uri=mlflow_server.uri)
+    exp = client.get_experiment_by_name("cmp-job")
+    parent = client.get_run(data["mlflow_run_id"])
+    assert parent.info.run_name == "cmp-compare"
+    assert parent.data.metrics["geco.auc_1vs1"] == pytest.approx(
+        data["models"]["geco"]["metrics"]["auc_1vs1"])
+    kids = client.search_runs([exp.experiment_id],
+                              filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(kids) == 5
+    mgcm = next(k for k in kids if k.data.tags["geco.model"] == "mgcm")
+    assert [a.path for a in client.list_artifacts(mgcm.info.run_id, "samples")] == \
+        ["samples/epoch_001.png"]
+
+    # Resubmitted: GECo restored, every baseline loaded from storage; the same table.
+    again = ray_head.submit(env, *args)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-6000:]
+    assert "nothing to train" in again.stdout + again.stderr
+    data2 = json.loads(root.get_bytes("compare.json"))
+    for name, entry in data["models"].items():
+        a, b = dict(entry["metrics"]), dict(data2["models"][name]["metrics"])
+        a.pop("eval_seconds", None), b.pop("eval_seconds", None)
+        assert a == b, name
+
+
+def io_bytes(data: bytes):
+    import io
+
+    return io.BytesIO(data)
