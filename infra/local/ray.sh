@@ -63,7 +63,19 @@ load_ports() {
 }
 
 # Processes of this head: every Ray daemon names its session/temp dir on its command line.
-head_pids() { pgrep -u "$(id -u)" -f -- "$TEMP_DIR" || true; }
+# This head's processes: those naming its temp dir, and those holding a file open in it (its
+# logs). Ray's agents rename themselves (ray::DashboardAgent), so their command line no longer
+# names the temp dir, and they outlive a killed raylet.
+head_pids() {
+    {
+        pgrep -u "$(id -u)" -f -- "$TEMP_DIR" || true
+        local d
+        for d in /proc/[0-9]*; do
+            [ -O "$d" ] || continue
+            if ls -l "$d/fd" 2>/dev/null | grep -qF -- "$TEMP_DIR/"; then echo "${d#/proc/}"; fi
+        done
+    } | sort -un
+}
 
 alive() { "$RAY" status --address "127.0.0.1:$GCS_PORT" >/dev/null 2>&1; }
 
