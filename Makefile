@@ -35,19 +35,25 @@ demo: venv
 	  python ray_jobs/train_geco.py --config $(CONFIG) --name $(NAME) \
 	  data.shards=$(SHARDS) cluster.storage_path=$(RAY_STORAGE) $(RAY_ARGS)
 
+# $(call ray_job,SCRIPT,EXTRA ARGS): the local stack (idempotent starts), then `ray job submit`
+# of SCRIPT on the demo's data and storage.
+define ray_job
+	bash infra/local/s3.sh start
+	bash infra/local/mlflow.sh start
+	bash infra/local/ray.sh start
+	eval "$$(bash infra/local/ray.sh env)" && \
+	  $(VENV)/bin/ray job submit --runtime-env "$$(bash infra/local/ray.sh runtime-env)" -- \
+	  python $(1) --config $(CONFIG) --name $(NAME) \
+	  data.shards=$(SHARDS) cluster.storage_path=$(RAY_STORAGE) $(RAY_ARGS) $(2)
+endef
+
 # A Ray Tune sweep of alpha, beta, tau, gamma (ASHA) on the demo's data, reusing the demo's
 # CIGM (the Ray Train run $(NAME)-cigm is restored, not retrained); the best trial is tested,
 # registered and put through the gate. Run after `make demo`.
 # Trials are single-process: geco.batch_size=32 restores the global batch of $(CONFIG).
 SWEEP_ARGS ?= tune.num_samples=4 tune.max_concurrent=2 geco.epochs=3 geco.lr_step=2 geco.batch_size=32
 sweep: venv
-	bash infra/local/s3.sh start
-	bash infra/local/mlflow.sh start
-	bash infra/local/ray.sh start
-	eval "$$(bash infra/local/ray.sh env)" && \
-	  $(VENV)/bin/ray job submit --runtime-env "$$(bash infra/local/ray.sh runtime-env)" -- \
-	  python ray_jobs/tune_geco.py --config $(CONFIG) --name $(NAME) \
-	  data.shards=$(SHARDS) cluster.storage_path=$(RAY_STORAGE) $(RAY_ARGS) $(SWEEP_ARGS)
+	$(call ray_job,ray_jobs/tune_geco.py,$(SWEEP_ARGS))
 
 # The paper's Tables 2 and 3 on the synthetic default, in one process on this CPU: GECo
 # (trained into runs/compare unless it is there), MGCM, Pix2PixCM, BPR-DAE, Popularity and
@@ -60,13 +66,7 @@ compare: venv
 # Train run (restored), the baselines run as Ray tasks; tables in s3://geco/ray/$(NAME)-compare/
 # and in MLflow. Run after `make demo`.
 compare-cluster: venv
-	bash infra/local/s3.sh start
-	bash infra/local/mlflow.sh start
-	bash infra/local/ray.sh start
-	eval "$$(bash infra/local/ray.sh env)" && \
-	  $(VENV)/bin/ray job submit --runtime-env "$$(bash infra/local/ray.sh runtime-env)" -- \
-	  python ray_jobs/compare.py --config $(CONFIG) --name $(NAME) \
-	  data.shards=$(SHARDS) cluster.storage_path=$(RAY_STORAGE) $(RAY_ARGS)
+	$(call ray_job,ray_jobs/compare.py,)
 
 # The same two stages in one process, without Ray (shards from S3 when SHARDS is set up).
 demo-torch: venv

@@ -16,7 +16,6 @@ its weights are available, else the backbone) and returns it in eval mode withou
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +24,12 @@ from torch import Tensor, nn
 from torchvision.models import alexnet
 
 from geco.errors import ConfigError, WeightsError
-from geco.models.backbone import _fetch_s3, imagenet_weights_path, resnet18_features
+from geco.models.backbone import (
+    _fetch_s3,
+    imagenet_weights_path,
+    load_state_file,
+    resnet18_features,
+)
 
 if TYPE_CHECKING:
     from geco.config import Config
@@ -74,25 +78,7 @@ def _load_alexnet_file(model: AlexNetFC7, path: Path, label: str) -> None:
             "as baselines.bpr_dae.alexnet_weights (a local .pth path or an s3://bucket/key "
             "URI), or set baselines.bpr_dae.features=backbone"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - re-raised with the file named
-        raise WeightsError(f"could not read AlexNet weights {label}: {e}") from e
-    if not isinstance(state, Mapping):
-        raise WeightsError(f"{label} is not an AlexNet state dict (got {type(state).__name__})")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("classifier.6.")}
-    try:
-        res = model.load_state_dict(state, strict=False)  # strictness checked below, briefly
-    except RuntimeError as e:  # shape mismatches
-        raise WeightsError(
-            f"{label} does not match torchvision's AlexNet: {str(e)[:500]}") from e
-    if res.missing_keys or res.unexpected_keys:
-        raise WeightsError(
-            f"{label} does not match torchvision's AlexNet: "
-            f"{len(res.missing_keys)} missing keys {res.missing_keys[:5]}, "
-            f"{len(res.unexpected_keys)} unexpected keys {res.unexpected_keys[:5]}"
-        )
+    load_state_file(model, path, label, arch="AlexNet", drop="classifier.6.")
 
 
 def alexnet_fc7(weights: str = "imagenet") -> tuple[AlexNetFC7, str]:

@@ -91,21 +91,28 @@ def _load_file(model: ResNet18Features, path: Path, label: str) -> None:
             f"backbone weights file {label} not found; give 'imagenet', 'random' (with "
             "allow_random_init), a local .pth/.pt path or an s3://bucket/key URI"
         )
+    load_state_file(model, path, label, arch="ResNet-18", drop="fc.")
+
+
+def load_state_file(model: nn.Module, path: Path, label: str, *, arch: str, drop: str) -> None:
+    """Load a torchvision `arch` state dict from `path` into `model` strictly, after removing
+    a DDP `module.` prefix and the keys starting with `drop` (the classifier layer the feature
+    extractor leaves out); any mismatch is a WeightsError naming `label`."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise WeightsError(f"could not read backbone weights {label}: {e}") from e
+        raise WeightsError(f"could not read {arch} weights {label}: {e}") from e
     if not isinstance(state, Mapping):
-        raise WeightsError(f"{label} is not a ResNet-18 state dict (got {type(state).__name__})")
+        raise WeightsError(f"{label} is not a {arch} state dict (got {type(state).__name__})")
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
+    state = {k: v for k, v in state.items() if not k.startswith(drop)}
     try:
         res = model.load_state_dict(state, strict=False)  # strictness checked below, briefly
     except RuntimeError as e:  # shape mismatches
-        raise WeightsError(f"{label} does not match torchvision's ResNet-18: {str(e)[:500]}") from e
+        raise WeightsError(f"{label} does not match torchvision's {arch}: {str(e)[:500]}") from e
     if res.missing_keys or res.unexpected_keys:
         raise WeightsError(
-            f"{label} does not match torchvision's ResNet-18: "
+            f"{label} does not match torchvision's {arch}: "
             f"{len(res.missing_keys)} missing keys {res.missing_keys[:5]}, "
             f"{len(res.unexpected_keys)} unexpected keys {res.unexpected_keys[:5]}"
         )
