@@ -461,6 +461,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return config_from_dict(tree)
 
 
+def with_defaults(tree: dict[str, Any]) -> dict[str, Any]:
+    """A saved config (e.g. an older checkpoint's) with every key added to `Config` since it
+    was written filled in with its default: what that run did, as today's code spells it."""
+    return _merge(Config().to_dict(), tree)
+
+
 def config_from_dict(tree: dict[str, Any]) -> Config:
     return _build(Config, tree).validate()
 

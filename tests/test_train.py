@@ -78,6 +78,28 @@ def test_resume_refuses_a_different_config(trained, synth_small, tmp_path):
         train_geco(tiny(synth_small, "geco.epochs=2", "geco.alpha=0.9"), copy)
 
 
+def test_a_run_saved_before_new_config_sections_still_resumes(trained, synth_small, tmp_path):
+    """A checkpoint written by an older geco lacks sections and keys added since (here the
+    baselines, tracking and tune sections and one GECo key): they take their defaults, so the
+    run resumes; a changed setting is still refused."""
+    run, _ = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    path = copy / "geco" / "last.pt"
+    ckpt = torch.load(path, weights_only=True)
+    for section in ("baselines", "tracking", "tune"):
+        del ckpt["config"][section]
+    del ckpt["config"]["geco"]["global_negatives"]
+    torch.save(ckpt, path)
+    summary = train_geco(tiny(synth_small, "geco.epochs=2", "baselines.mgcm.features=8"), copy)
+    assert [r["epoch"] for r in summary["history"]] == [1, 2]
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["geco"]["global_negatives"]
+    torch.save(ckpt, path)
+    with pytest.raises(GecoError, match="geco.global_negatives: False -> True"):
+        train_geco(tiny(synth_small, "geco.epochs=3", "geco.global_negatives=true"), copy)
+
+
 def test_evaluate_is_deterministic_and_complete(trained, synth_small, tmp_path):
     run, _ = trained
     a = cmd_evaluate(tiny(synth_small), run, "test", str(tmp_path / "a.json"), None)

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from geco.config import Config
+from geco.config import Config, with_defaults
 from geco.data.datasets import collate_skip
 from geco.data.sampler import EpochBatchSampler
 from geco.data.source import ensure_synthetic
@@ -143,7 +143,9 @@ def fit(
 
     if resume and last_path.is_file():
         ckpt = load_checkpoint(last_path)
-        drift = config_drift(ckpt["config"], config)
+        # Sections and keys added since the checkpoint was written take their defaults, so
+        # upgrading geco does not orphan a run.
+        drift = config_drift(with_defaults(ckpt["config"]), config)
         if stage.name == "cigm":  # GECo's settings do not change what CIGM trains
             drift = [d for d in drift if not d.startswith("geco.")]
         if drift:
@@ -245,7 +247,9 @@ def config_drift(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> 
     for key in sorted(set(old) | set(new)):
         dotted = prefix + key
         a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
+        if isinstance(a, dict) or isinstance(b, dict):  # key by key; a missing section = {}
+            a = a if isinstance(a, dict) else {}
+            b = b if isinstance(b, dict) else {}
             out += config_drift(a, b, dotted + ".")
         elif a != b and not dotted.startswith(_VOLATILE):
             out.append(f"{dotted}: {a!r} -> {b!r}")
