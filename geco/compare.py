@@ -315,12 +315,29 @@ def log_comparison(tracker, result: dict[str, Any]) -> None:
             if created:
                 for row in r.get("history") or []:
                     child.log_metrics(_numeric(row), step=int(row.get("epoch", 0)))
-                samples = r.get("samples_dir")
-                if samples and Path(samples).is_dir():
-                    for png in sorted(Path(samples).glob("*.png")):
-                        child.log_artifact(png, "samples")
+                if r.get("samples_dir"):
+                    _log_pngs(child, r["samples_dir"])
     tracker.log_metrics(flat)
     result["mlflow_run_id"] = tracker.run_id
+
+
+def _log_pngs(run, folder: str) -> None:
+    """The PNGs of a folder, local or s3:// (a Ray task's grids), as artifacts `samples/`."""
+    import tempfile
+
+    from geco.data.storage import Storage
+
+    store = Storage(folder)
+    names = [n for n in store.list() if n.endswith(".png") and "/" not in n]
+    if store.local_root is not None:
+        for name in names:
+            run.log_artifact(store.local_root / name, "samples")
+        return
+    with tempfile.TemporaryDirectory(prefix="geco-grids-") as tmp:
+        for name in names:
+            path = Path(tmp) / name
+            path.write_bytes(store.get_bytes(name))
+            run.log_artifact(path, "samples")
 
 
 def _numeric(record: dict[str, Any]) -> dict[str, float]:

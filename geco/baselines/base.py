@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
+from geco.data.datasets import ItemDataset, PairDataset
 from geco.data.splits import Split
 from geco.errors import ConfigError, GecoError
-from geco.train.loop import Progress, config_drift
+from geco.train.loop import config_drift
 from geco.train.runtime import Runtime, load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
@@ -54,31 +55,6 @@ class BaselineContext:
     on_checkpoint: Callable[[Path], None] | None = None
 
 
-class _Items(Dataset):
-    def __init__(self, ids: Sequence[str], images: ImageSource, transform: Transform,
-                 context: str) -> None:
-        self.ids, self.images, self.transform, self.context = list(ids), images, transform, context
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i: int) -> Tensor:
-        return self.transform(self.images.load(self.ids[i], context=self.context))
-
-
-class _Pairs(Dataset):
-    def __init__(self, split: Split, images: ImageSource, transform: Transform) -> None:
-        self.split, self.images, self.transform = split, images, transform
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def __getitem__(self, i: int) -> dict[str, Tensor]:
-        where = self.split.where(i)
-        return {"top": self.transform(self.images.load(self.split.tops[i], context=where)),
-                "bottom": self.transform(self.images.load(self.split.bottoms[i], context=where))}
-
-
 @torch.no_grad()
 def encode_ids(ids: Sequence[str], images: ImageSource, transform: Transform,
                encode: Callable[[Tensor], Tensor], *, device: torch.device,
@@ -87,9 +63,9 @@ def encode_ids(ids: Sequence[str], images: ImageSource, transform: Transform,
     [len(ids), ...]. Bad or missing images raise DataError naming the file (and `context`)."""
     if not ids:
         raise ValueError("encode_ids: no ids given")
-    loader = DataLoader(_Items(ids, images, transform, context), batch_size=batch_size,
-                        shuffle=False, num_workers=num_workers)
-    return torch.cat([encode(x.to(device)).float().cpu() for x in loader])
+    items = ItemDataset(ids, images, transform, contexts=[context or "encode_ids"] * len(ids))
+    loader = DataLoader(items, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    return torch.cat([encode(b["image"].to(device)).float().cpu() for b in loader])
 
 
 class EmbeddingScorer:
@@ -185,7 +161,7 @@ def pair_loader(train: Split, images: ImageSource, transform: Transform, *, batc
         raise ConfigError(f"{train.source}: {len(train)} training pairs, fewer than one batch "
                           f"of {batch_size}; lower the baseline's batch_size")
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return DataLoader(_Pairs(train, images, transform), batch_size=batch_size, shuffle=True,
+    return DataLoader(PairDataset(train, images, transform), batch_size=batch_size, shuffle=True,
                       generator=g, drop_last=True, num_workers=num_workers,
                       persistent_workers=False)
 
@@ -228,10 +204,4 @@ class EpochCheckpoint:
                                     "config": self.config, "history": history})
         if self.on_save is not None:
             self.on_save(self.path)
-
-
-def progress(name: str, epoch: int, epochs: int, steps: int, rt: Runtime,
-             every: int) -> Progress:
-    """The training loop's progress lines (samples/s, data-wait share, ETA) for a baseline."""
-    return Progress(name, epoch, epochs, steps, rt, every)
 

@@ -44,13 +44,13 @@ from geco.baselines.base import (
     EpochCheckpoint,
     Transform,
     encode_ids,
-    progress,
     rolled_negatives,
 )
 from geco.baselines.features import frozen_extractor
 from geco.data.splits import Split
 from geco.data.transforms import imagenet_transform
 from geco.errors import ConfigError, GecoError
+from geco.train.loop import Progress
 
 log = logging.getLogger("geco")
 
@@ -262,7 +262,7 @@ class BPRDAEScorer(EmbeddingScorer):
                 t0 = time.perf_counter()
                 g = torch.Generator().manual_seed(int(c.seed) * 1_000_003 + epoch)
                 order = torch.randperm(n, generator=g).to(self.device)
-                prog = progress(self.name, epoch, c.epochs, steps, rt,
+                prog = Progress(self.name, epoch, c.epochs, steps, rt,
                                 self.ctx.cfg.runtime.log_every)
                 for step in range(1, steps + 1):
                     rows = order[(step - 1) * bs: step * bs]

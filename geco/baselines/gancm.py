@@ -42,7 +42,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.utils import save_image
 
 from geco.baselines.base import (
     BaselineContext,
@@ -50,14 +49,15 @@ from geco.baselines.base import (
     EpochCheckpoint,
     Transform,
     pair_loader,
-    progress,
     rolled_negatives,
 )
 from geco.config import GanCMConfig
 from geco.data.splits import Split
 from geco.data.transforms import denormalize_gan, gan_transform
 from geco.models.gancm import build_gancm, compat_score
+from geco.train.loop import Progress
 from geco.train.runtime import Runtime
+from geco.train.samples import save_rows
 
 __all__ = [
     "GanCMModel",
@@ -266,11 +266,8 @@ def save_gancm_grid(model: GanCMModel, tops: Tensor, bottoms: Tensor, path: Path
             fake = g(tops.to(model.device))[2].float().cpu()
     finally:
         g.train(was_training)
-    rows = torch.stack([denormalize_gan(tops.cpu()), denormalize_gan(fake),
-                        denormalize_gan(bottoms.cpu())], dim=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(rows.flatten(0, 1), path, nrow=3, padding=2, pad_value=1.0)
-    return path
+    return save_rows([denormalize_gan(tops.cpu()), denormalize_gan(fake),
+                      denormalize_gan(bottoms.cpu())], path)
 
 
 # --------------------------------------------------------------------------- training loop
@@ -324,7 +321,7 @@ def train_gancm(model: GanCMModel, ctx: BaselineContext, train: Split, *,
             steps = len(loader)
             if c.max_steps_per_epoch:
                 steps = min(steps, c.max_steps_per_epoch)
-            prog = progress(name, epoch, c.epochs, steps, rt, ctx.cfg.runtime.log_every)
+            prog = Progress(name, epoch, c.epochs, steps, rt, ctx.cfg.runtime.log_every)
             t_epoch = time.perf_counter()
             model.train()
             with torch.random.fork_rng(devices=cuda):

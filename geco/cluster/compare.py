@@ -126,21 +126,11 @@ def compare_pipeline(cfg: Config, models: str, *, split: str = "test") -> dict[s
     store = Storage(root)
     work = Path(tempfile.mkdtemp(prefix="geco-compare-"))
     try:
-        out_dir = work / "compare"
-        result = assemble(cfg, split, results, out_dir)
+        result = assemble(cfg, split, results, work)
         tracker = open_tracking(cfg, work, run_name=f"{c.name}-compare")
         try:
-            write_outputs(result, out_dir)
-            if tracker.enabled:
-                for name, r in results.items():  # grids: fetched back for MLflow
-                    if r.get("samples_dir", "").startswith(root):
-                        local = work / name / "samples"
-                        _download(store, f"{name}/samples", local)
-                        r["samples_dir"] = str(local)
-                log_comparison(tracker, result)
-                for name, r in results.items():
-                    if r.get("samples_dir", "").startswith(str(work)):
-                        r["samples_dir"] = store.url(f"{name}/samples")
+            write_outputs(result, work)
+            log_comparison(tracker, result)  # grids: read back from storage
         except BaseException:
             tracker.end("FAILED")
             raise

@@ -32,7 +32,14 @@ def save_template_grid(
         templates = generator(gen_in, noise).float()
     generator.train(was_training)
     to01 = denormalize_gan if space == "gan" else denormalize_imagenet
-    rows = torch.stack([to01(tops), denormalize_gan(templates), to01(bottoms)], dim=1)
+    return save_rows([to01(tops), denormalize_gan(templates), to01(bottoms)], path)
+
+
+def save_rows(columns: list[torch.Tensor], path: Path) -> Path:
+    """A PNG grid with one row per item and one column per tensor (each Nx3xHxW in [0,1]),
+    e.g. top | template | true bottom."""
+    rows = torch.stack([c.float().cpu() for c in columns], dim=1)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(rows.flatten(0, 1).clamp(0, 1).cpu(), path, nrow=3, padding=2, pad_value=1.0)
+    save_image(rows.flatten(0, 1).clamp(0, 1), path, nrow=len(columns), padding=2,
+               pad_value=1.0)
     return path
