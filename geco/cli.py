@@ -16,18 +16,9 @@ from pathlib import Path
 
 from geco.config import Config, load_config, save_config
 from geco.errors import GecoError
+from geco.train.runtime import setup_logging
 
 log = logging.getLogger("geco")
-
-
-def _setup_logging() -> None:
-    rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
-    )
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 def _common(p: argparse.ArgumentParser, run_dir: bool = True) -> None:
@@ -91,39 +82,26 @@ def cmd_synth(args, cfg: Config) -> None:
     print(json.dumps(summary, indent=2, default=str))
 
 
-def cmd_train(stage: str, cfg: Config, run_dir: Path, resume: bool, cigm: str | None = None):
+def cmd_train(stage: str, cfg: Config, run_dir: Path, resume: bool,
+              cigm: str | None = None) -> dict:
+    from geco.train.loop import train
+
     if cigm:
         cfg.geco.cigm_checkpoint = cigm
     if int(os.environ.get("RANK", "0")) == 0:
         save_config(cfg, run_dir / stage / "config.yaml")
-    if stage == "cigm":
-        from geco.train.cigm import train_cigm
-
-        return train_cigm(cfg, run_dir, resume=resume)
-    from geco.train.geco import train_geco
-
-    return train_geco(cfg, run_dir, resume=resume)
+    return train(cfg, stage, run_dir, resume=resume)[1]
 
 
 def cmd_evaluate(cfg: Config, run_dir: Path, split: str, out: str | None,
                  checkpoint: str | None) -> dict:
-    from geco.data.source import open_eval_data
-    from geco.evaluate import format_tables
-    from geco.train.geco import load_retriever
-    from geco.train.runtime import init_runtime
+    from geco.evaluate import evaluate_checkpoint, format_tables
 
-    rt = init_runtime(cfg.runtime)
     ckpt_path = Path(checkpoint) if checkpoint else run_dir / "geco" / "best.pt"
-    retriever, ckpt = load_retriever(ckpt_path, rt.device)
-    trained = ckpt["config"]
-    # The data and image size the model was trained with, unless the user points elsewhere.
-    cfg.data.image_size = trained["data"]["image_size"]
-    data = open_eval_data(cfg.data, split)
-    metrics = data.evaluate(retriever, rt=rt, image_size=cfg.data.image_size,
-                            batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-                            ties=cfg.eval.ties, num_workers=cfg.data.num_workers)
-    result = {"split": split, "dataset": data.where, "checkpoint": str(ckpt_path),
-              "epoch": ckpt["epoch"] + 1, **metrics}
+    ev = evaluate_checkpoint(cfg, ckpt_path, split)
+    metrics = ev["metrics"]
+    result = {"split": split, "dataset": ev["dataset"], "checkpoint": str(ckpt_path),
+              "epoch": ev["epoch"], **metrics}
     out_path = Path(out) if out else run_dir / f"metrics_{split}.json"
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(result, indent=2) + "\n")
@@ -133,10 +111,7 @@ def cmd_evaluate(cfg: Config, run_dir: Path, split: str, out: str | None,
 
 
 def cmd_pipeline(cfg: Config, run_dir: Path, resume: bool) -> dict:
-    from geco.data.source import ensure_synthetic
-
     t0 = time.perf_counter()
-    ensure_synthetic(cfg.data)
     cmd_train("cigm", cfg, run_dir, resume)
     cmd_train("geco", cfg, run_dir, resume)
     result = cmd_evaluate(cfg, run_dir, "test", None, None)
@@ -156,7 +131,7 @@ def cmd_compare(cfg: Config, run_dir: Path, models: str, split: str = "test",
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _setup_logging()
+    setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "data":

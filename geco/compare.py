@@ -1,14 +1,13 @@
-"""`geco compare`: GECo and the baselines of REFERENCE §5 side by side on one dataset, in the
-layout of the paper's Tables 2 and 3.
+"""`geco compare`: GECo and the baselines of docs/model.md §5 side by side on one dataset, in
+the layout of the paper's Tables 2 and 3.
 
 Every model is evaluated on the same rows of the same split with the same metric code
-(REFERENCE §4): GECo from its checkpoint through `EvalData.evaluate` (what `geco evaluate`
-runs; trained first by `geco pipeline`'s stages when the run dir has none), the baselines as
-`geco.baselines.Scorer`s through `evaluate_scorer`, which yields the same metric keys. The
-trainable baselines (BPR-DAE, MGCM, Pix2PixCM) train on the training split and keep resumable
-checkpoints under `<run-dir>/<model>/`; a finished one is loaded, not retrained. The data come
-from `data.root`, or from `data.shards` when set (read into memory once; see
-`geco.data.shard_images`).
+(docs/model.md §4): GECo from its checkpoint through `geco.evaluate.evaluate` (what `geco
+evaluate` runs; trained first, CIGM then GECo, when the run dir has none), the baselines as
+`geco.baselines.Scorer`s through `evaluate_scorer`, which yields the same metric keys. Every
+trainable model (CIGM, GECo, BPR-DAE, MGCM, Pix2PixCM) trains through the same loop
+(`geco.train.loop.train`) into `<run-dir>/<model>/`; a finished one is loaded, not retrained.
+The data come from `geco.data.source.open_data`: the dataset folder, or the shards.
 
 Outputs under `<run-dir>/compare/`:
 - `compare.md`: Table 2 (AUC 1-vs-1, MRR full ranking), Table 3 (AUC 1-vs-3, MRR 1-vs-9),
@@ -29,47 +28,45 @@ import json
 import logging
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from geco.baselines import PopularityScorer, RandomScorer, Scorer, evaluate_scorer
-from geco.baselines.base import BaselineContext
 from geco.config import Config, save_config
-from geco.data.splits import Split
+from geco.data.source import open_data
 from geco.errors import ConfigError, GecoError
-from geco.evaluate import TABLE_KEYS
+from geco.evaluate import TABLE_KEYS, evaluate_checkpoint
 from geco.metrics import random_expectations
+from geco.tracking import numeric
+from geco.train.loop import train
+from geco.train.runtime import init_runtime
 
 log = logging.getLogger("geco")
 
 DEFAULT_MODELS = ("geco", "mgcm", "pix2pixcm", "bpr-dae", "popularity", "random")
 
 
-def _lazy(module: str, cls: str) -> Callable[[BaselineContext], Scorer]:
-    """A factory importing its (torch-heavy) module only when the model is asked for."""
-    def make(ctx: BaselineContext) -> Scorer:
-        import importlib
-
-        return getattr(importlib.import_module(module), cls)(ctx)
-    return make
-
-
 @dataclass(frozen=True)
 class ModelEntry:
     label: str  # the row name in the tables (the paper's)
-    make: Callable[[BaselineContext], Scorer] | None = None  # None: GECo
-    trainable: bool = False  # trains on the training split (a Ray task in ray_jobs/compare.py)
+    # An untrained scorer from the config (Random, Popularity); None: a trainable model, whose
+    # stage (geco.train.loop.STAGES) gives the scorer once trained. GECo is scored apart.
+    make: Callable[[Config], Scorer] | None = None
+
+    @property
+    def trainable(self) -> bool:
+        return self.make is None
 
 
 # Name -> entry, in the row order of the paper's Tables 2 and 3.
 MODELS: dict[str, ModelEntry] = {
-    "geco": ModelEntry("GECo", trainable=True),
-    "mgcm": ModelEntry("MGCM", _lazy("geco.baselines.gancm", "MGCMScorer"), True),
-    "pix2pixcm": ModelEntry("Pix2PixCM", _lazy("geco.baselines.gancm", "Pix2PixCMScorer"), True),
-    "bpr-dae": ModelEntry("BPR-DAE", _lazy("geco.baselines.bprdae", "BPRDAEScorer"), True),
-    "popularity": ModelEntry("Popularity", lambda ctx: PopularityScorer()),
-    "random": ModelEntry("Random", lambda ctx: RandomScorer(ctx.cfg.eval.seed)),
+    "geco": ModelEntry("GECo"),
+    "mgcm": ModelEntry("MGCM"),
+    "pix2pixcm": ModelEntry("Pix2PixCM"),
+    "bpr-dae": ModelEntry("BPR-DAE"),
+    "popularity": ModelEntry("Popularity", lambda cfg: PopularityScorer()),
+    "random": ModelEntry("Random", lambda cfg: RandomScorer(cfg.eval.seed)),
 }
 
 
@@ -97,26 +94,20 @@ def run_compare(cfg: Config, run_dir: str | Path, models: str | Iterable[str] = 
                 *, split: str = "test", train_geco: bool = True) -> dict[str, Any]:
     """Train (or load) and evaluate `models` on `split`; write `<run-dir>/compare/` and, with a
     tracking URI, log the comparison to MLflow. Returns what compare.json holds."""
-    from geco.data.source import ensure_synthetic
-
     run_dir = Path(run_dir)
     names = parse_models(models)
     if "geco" in names and not geco_checkpoint(run_dir).is_file() and not train_geco:
         raise GecoError(f"no GECo checkpoint at {geco_checkpoint(run_dir)}: train it first with "
                         f"`geco pipeline --config CONFIG --run-dir {run_dir}`, let compare "
                         "train it (leave out --no-train), or leave geco out of --models")
-    ensure_synthetic(cfg.data)
+    data = open_data(cfg.data)
     tracker = open_tracking(cfg, run_dir)
     results: dict[str, dict[str, Any]] = {}
     try:
         if "geco" in names:
-            results["geco"] = run_geco(cfg, run_dir, split)
-        scorers = [n for n in names if n != "geco"]
-        if scorers:
-            splits, images = load_data(cfg, ("train", split))
-            for name in scorers:
-                results[name] = run_baseline(name, cfg, run_dir / name, splits["train"],
-                                             splits[split], images)
+            results["geco"] = run_geco(cfg, run_dir, split, data)
+        for name in (n for n in names if n != "geco"):
+            results[name] = run_baseline(name, cfg, run_dir, split, data)
         result = assemble(cfg, split, results, run_dir / "compare")
         write_outputs(result, run_dir / "compare")
         save_config(cfg, run_dir / "compare" / "config.yaml")
@@ -130,80 +121,59 @@ def run_compare(cfg: Config, run_dir: str | Path, models: str | Iterable[str] = 
     return result
 
 
-def load_data(cfg: Config, splits: tuple[str, ...]):
-    """(splits by name, an ImageSource): the dataset folder, or the shards read into memory."""
-    if cfg.data.shards:
-        from geco.data.shard_images import read_shard_dataset
-
-        return read_shard_dataset(cfg.data.shards, splits, on_bad=cfg.data.on_bad_image)
-    from geco.data.source import open_dataset
-
-    return open_dataset(cfg.data, splits)
-
-
-def data_key(cfg: Config, train: Split) -> dict[str, Any]:
-    """What identifies a baseline's training data in its checkpoint config."""
-    return {"dataset": cfg.data.shards or str(Path(cfg.data.root)), "kind": cfg.data.kind,
-            "train_rows": len(train)}
-
-
-def run_baseline(name: str, cfg: Config, out_dir: Path, train: Split, test: Split,
-                 images: Any, rt: Any = None,
-                 on_checkpoint: Callable[[Path], None] | None = None) -> dict[str, Any]:
-    """Fit (train, resume or load) one baseline and evaluate it on `test`: its result entry.
-    `on_checkpoint(path)` runs after each checkpoint a trainable baseline saves."""
-    from geco.train.runtime import init_runtime
-
+def run_baseline(name: str, cfg: Config, run_dir: Path, split: str, data,
+                 on_epoch_end: Callable[[dict[str, Any], Path], None] | None = None
+                 ) -> dict[str, Any]:
+    """Fit (train, resume or load) one baseline into <run_dir>/<name>/ and evaluate it on
+    `split`: its result entry. `on_epoch_end` runs after each epoch a trainable one saves."""
     entry = MODELS[name]
-    if entry.make is None:
-        raise ConfigError(f"{name!r} is not a baseline")
-    rt = rt or init_runtime(cfg.runtime)
-    ctx = BaselineContext(cfg=cfg, images=images, train=train, out_dir=Path(out_dir), rt=rt,
-                          data_key=data_key(cfg, train), on_checkpoint=on_checkpoint)
+    if name == "geco":
+        raise ConfigError("geco is not a baseline")
     t0 = time.perf_counter()
-    scorer = entry.make(ctx)
-    scorer.fit(train)
-    fit_s = time.perf_counter() - t0
-    metrics = evaluate_scorer(scorer, test, ties=cfg.eval.ties)
-    ckpt = getattr(scorer, "checkpoint", None)
-    out: dict[str, Any] = {"label": entry.label, "metrics": metrics,
-                           "checkpoint": str(ckpt) if ckpt else None,
-                           "trained_on": train.source, "fit_seconds": fit_s,
-                           "seconds": time.perf_counter() - t0}
-    section = getattr(cfg.baselines, name.replace("-", "_"), None)
-    if section is not None:
-        from dataclasses import asdict
-
-        out["config"] = asdict(section)
-    for attr in ("info", "history"):
-        if getattr(scorer, attr, None) is not None:
-            out[attr] = getattr(scorer, attr)
-    samples = getattr(scorer, "samples_dir", None)
-    if samples:
-        out["samples_dir"] = str(samples)
-    _log_row(entry.label, metrics)
+    splits, images = data.splits(("train", split))
+    out: dict[str, Any] = {"label": entry.label, "trained_on": splits["train"].source,
+                           "checkpoint": None}
+    if entry.trainable:
+        stage, summary = train(cfg, name, run_dir, on_epoch_end=on_epoch_end, data=data)
+        scorer = stage.scorer(images)
+        history = summary["history"]
+        out.update(checkpoint=summary["last"], history=history,
+                   config=asdict(getattr(stage.cfg.baselines, name.replace("-", "_"))),
+                   info={**stage.info(), "epochs": len(history),
+                         "epochs_trained": summary["epochs_trained"],
+                         "resumed_after_epoch": summary["resumed_after_epoch"],
+                         "train_seconds": summary["train_seconds"]})
+        if (Path(summary["last"]).parent / "samples").is_dir():
+            out["samples_dir"] = str(Path(summary["last"]).parent / "samples")
+    else:
+        init_runtime(cfg.runtime)  # seeds, as for every model
+        scorer = entry.make(cfg)
+        scorer.fit(splits["train"])
+    out["fit_seconds"] = time.perf_counter() - t0
+    out["metrics"] = evaluate_scorer(scorer, splits[split], ties=cfg.eval.ties)
+    out["seconds"] = time.perf_counter() - t0
+    _log_row(entry.label, out["metrics"])
     return out
 
 
-def run_geco(cfg: Config, run_dir: Path, split: str) -> dict[str, Any]:
+def run_geco(cfg: Config, run_dir: Path, split: str, data) -> dict[str, Any]:
     """GECo's entry: its best checkpoint in the run dir (trained here first, CIGM then GECo,
     when absent; an interrupted training resumes), evaluated like `geco evaluate`."""
     t0 = time.perf_counter()
     ckpt_path = geco_checkpoint(run_dir)
     trained_here = not ckpt_path.is_file()
     if trained_here:
-        from geco.train.cigm import train_cigm
-        from geco.train.geco import train_geco
-
         log.info("compare: no GECo checkpoint at %s: training CIGM then GECo", ckpt_path)
-        for stage, fn in (("cigm", train_cigm), ("geco", train_geco)):
+        for stage in ("cigm", "geco"):
             save_config(cfg, run_dir / stage / "config.yaml")
-            fn(cfg, run_dir, resume=True)
-    out = _evaluate_geco(cfg, ckpt_path, split)
-    out["trained_here"] = trained_here
-    out["seconds"] = time.perf_counter() - t0
-    _log_row("GECo", out["metrics"])
-    return out
+            train(cfg, stage, run_dir, data=data)
+    out = evaluate_checkpoint(cfg, ckpt_path, split, data)
+    result = {"label": MODELS["geco"].label, "metrics": out["metrics"],
+              "checkpoint": str(ckpt_path), "epoch": out["epoch"],
+              "trained_config": out["trained_config"], "trained_here": trained_here,
+              "seconds": time.perf_counter() - t0}
+    _log_row("GECo", result["metrics"])
+    return result
 
 
 def _log_row(label: str, m: dict[str, Any]) -> None:
@@ -239,29 +209,6 @@ def _dataset_name(cfg: Config) -> str:
     if cfg.data.shards:
         return cfg.data.shards.rstrip("/").rsplit("/", 1)[-1] or cfg.data.shards
     return Path(cfg.data.root).name
-
-
-def _evaluate_geco(cfg: Config, ckpt_path: Path, split: str) -> dict[str, Any]:
-    """`geco evaluate` on the comparison's rows: the checkpoint's image size, eval settings
-    of the comparison config."""
-    from geco.data.source import open_eval_data
-    from geco.train.geco import load_retriever
-    from geco.train.runtime import init_runtime
-
-    rt = init_runtime(cfg.runtime)
-    retriever, ckpt = load_retriever(ckpt_path, rt.device)
-    trained = ckpt["config"]
-    here, there = cfg.data.shards or cfg.data.root, (trained["data"].get("shards")
-                                                    or trained["data"]["root"])
-    if here != there:
-        log.warning("compare: GECo checkpoint %s was trained on %s, evaluated on %s",
-                    ckpt_path, there, here)
-    data = open_eval_data(cfg.data, split)
-    metrics = data.evaluate(retriever, rt=rt, image_size=trained["data"]["image_size"],
-                            batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-                            ties=cfg.eval.ties, num_workers=cfg.data.num_workers)
-    return {"label": MODELS["geco"].label, "metrics": metrics, "checkpoint": str(ckpt_path),
-            "epoch": ckpt["epoch"] + 1, "trained_config": trained}
 
 
 # --------------------------------------------------------------------------- MLflow
@@ -301,7 +248,7 @@ def log_comparison(tracker, result: dict[str, Any]) -> None:
         tracker.log_artifact(out_dir / f"compare.{name}", "compare")
     flat: dict[str, float] = {}
     for name, r in result["models"].items():
-        flat.update({f"{name}.{k}": v for k, v in _numeric(r["metrics"]).items()})
+        flat.update({f"{name}.{k}": v for k, v in numeric(r["metrics"]).items()})
         key = f"{tracker.run_id}:{name}"
         child, created = Tracker.resume_or_start(
             tracker.cfg, key=key, run_name=f"{r['label']}", parent_run_id=tracker.run_id,
@@ -311,10 +258,10 @@ def log_comparison(tracker, result: dict[str, Any]) -> None:
             if r.get("config"):
                 child.log_config(r["config"])
             child.log_metrics({f"{result['split']}_{k}": v
-                               for k, v in _numeric(r["metrics"]).items()})
+                               for k, v in numeric(r["metrics"]).items()})
             if created:
                 for row in r.get("history") or []:
-                    child.log_metrics(_numeric(row), step=int(row.get("epoch", 0)))
+                    child.log_metrics(numeric(row, skip=("epoch",)), step=int(row["epoch"]))
                 if r.get("samples_dir"):
                     _log_pngs(child, r["samples_dir"])
     tracker.log_metrics(flat)
@@ -338,11 +285,6 @@ def _log_pngs(run, folder: str) -> None:
             path = Path(tmp) / name
             path.write_bytes(store.get_bytes(name))
             run.log_artifact(path, "samples")
-
-
-def _numeric(record: dict[str, Any]) -> dict[str, float]:
-    return {k: float(v) for k, v in record.items()
-            if isinstance(v, int | float) and not isinstance(v, bool) and k != "epoch"}
 
 
 # --------------------------------------------------------------------------- outputs

@@ -15,7 +15,9 @@ averages per-batch fractions instead (REFERENCE §7 item 14).
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -24,6 +26,7 @@ from geco.errors import ConfigError
 
 __all__ = [
     "TIE_RULES",
+    "TieRule",
     "auc",
     "full_ranking_counts",
     "full_ranking_metrics",
@@ -35,7 +38,8 @@ __all__ = [
     "sampled_metrics",
 ]
 
-TIE_RULES = ("expected", "optimistic", "pessimistic")
+TieRule = Literal["expected", "optimistic", "pessimistic"]
+TIE_RULES: tuple[str, ...] = typing.get_args(TieRule)
 
 
 # --------------------------------------------------------------------------- input checks

@@ -15,10 +15,8 @@ one it replaced in `geco.previous_champion`, which is what `rollback` follows.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,7 +53,7 @@ def __getattr__(name: str) -> Any:
 class Bundle:
     """Everything `predict` needs: the CPU retriever, its input size and the catalogue."""
 
-    retriever: Any  # geco.evaluate.Retriever
+    retriever: Any  # geco.models.geco.Retriever
     image_size: int
     ids: list[str]
     embeddings: torch.Tensor  # [N, d] float32
@@ -79,7 +77,7 @@ def load_bundle(geco_checkpoint: str | Path, generator_checkpoint: str | Path,
                 catalogue: str | Path) -> Bundle:
     import torch
 
-    from geco.train.geco import load_retriever
+    from geco.models.geco import load_retriever
 
     retriever, ckpt = load_retriever(geco_checkpoint, torch.device("cpu"),
                                      generator_path=generator_checkpoint)
@@ -219,37 +217,24 @@ def signature():
 # Catalogue building.
 
 
-def build_catalogue(retriever: Any, source: Any, out_path: str | Path, *, image_size: int,
-                    ids: list[str] | None = None, name: str = "catalogue-test",
-                    batch_size: int = 128) -> dict[str, Any]:
-    """Embed every candidate bottom once and save {ids, embeddings, image_size, source}.
-
-    `source` is a geco.data.images.ImageFolder (with `ids`) or a shards root (local or s3://,
-    with the catalogue shard set `name`)."""
+def build_catalogue(retriever: Any, data: Any, split: str, out_path: str | Path, *,
+                    image_size: int, batch_size: int = 128) -> dict[str, Any]:
+    """Embed every candidate bottom of `split` of `data` (geco.data.source.open_data: a
+    folder or shards) once and save {ids, embeddings, image_size, source}."""
     import torch
 
-    from geco.data.images import ImageFolder
-    from geco.evaluate import embed_catalogue, embed_items
+    from geco.evaluate import embed_candidates
     from geco.train.runtime import Runtime
 
     rt = Runtime(torch.device("cpu"), 0, 1, 0, None, False)
     retriever.generator.eval()
     retriever.model.eval()
-    if isinstance(source, ImageFolder):
-        if not ids:
-            raise GecoError("build_catalogue: an ImageFolder source needs the list of ids")
-        ids = list(dict.fromkeys(ids))
-        emb = embed_items(retriever.bottoms, ids, source, image_size, rt=rt,
-                          batch_size=batch_size, num_workers=0)
-        origin = str(source.img_dir)
-    else:
-        ids, emb, _ = embed_catalogue(retriever, str(source), name, rt=rt,
-                                      image_size=image_size, batch_size=batch_size)
-        origin = f"{source}#{name}"
+    ids, emb, _ = embed_candidates(retriever.bottoms, data, split, rt=rt,
+                                   image_size=image_size, batch_size=batch_size)
     if not ids:
-        raise GecoError(f"build_catalogue: no bottoms in {source}")
+        raise GecoError(f"build_catalogue: no bottoms in {data.describe(split)}")
     cat = {"ids": list(ids), "embeddings": emb.float().contiguous(), "image_size": image_size,
-           "source": origin}
+           "source": data.describe(split)}
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(cat, out_path)
     return cat
@@ -260,10 +245,11 @@ def build_catalogue(retriever: Any, source: Any, out_path: str | Path, *, image_
 
 
 def _client(client_or_uri: Any):
-    from mlflow import MlflowClient
-
+    """An MlflowClient: the given one, or geco.tracking's for a URI (None: the environment's)."""
     if client_or_uri is None or isinstance(client_or_uri, str):
-        return MlflowClient(tracking_uri=client_or_uri, registry_uri=client_or_uri)
+        from geco.tracking import client
+
+        return client(client_or_uri)
     return client_or_uri
 
 
@@ -299,88 +285,56 @@ def _serving_copy(src: str | Path, stage: str, dst: Path) -> str:
     return str(dst)
 
 
-@contextlib.contextmanager
-def _global_tracking_uri(uri: str):
-    """pyfunc.log_model and register_model read only MLflow's global tracking URI (so does the
-    registry when it resolves a models:/m-... source). Set it for the call, then put back both
-    the global and $MLFLOW_TRACKING_URI: set_tracking_uri writes the variable too, and
-    set_tracking_uri(None) deletes it."""
-    import mlflow
-    from mlflow.tracking._tracking_service import utils
-
-    env = os.environ.get("MLFLOW_TRACKING_URI")
-    previous = getattr(utils, "_tracking_uri", None)  # None: not set, read from the env
-    mlflow.set_tracking_uri(uri)
-    try:
-        yield
-    finally:
-        mlflow.set_tracking_uri(previous)
-        if env is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = env
-
-
-@contextlib.contextmanager
-def _in_run(run_id: str):
-    """Make `run_id` the active run (pyfunc.log_model logs into the active run only), leaving
-    its status as found: a finished run stays finished, one still running elsewhere running."""
-    import mlflow
-
-    active = mlflow.active_run()
-    if active is not None:
-        if active.info.run_id != run_id:
-            raise GecoError(f"log_retriever: run {active.info.run_id} is active, not {run_id}")
-        yield
-        return
-    client = mlflow.MlflowClient()
-    status = client.get_run(run_id).info.status
-    mlflow.start_run(run_id=run_id)
-    try:
-        yield
-    finally:
-        mlflow.end_run(status="FINISHED" if status == "RUNNING" else status)
-        if status == "RUNNING":
-            client.update_run(run_id, status="RUNNING")
-
-
 def log_retriever(run_id: str, *, tracking_uri: str, geco_checkpoint: str | Path,
                   generator_checkpoint: str | Path, catalogue: str | Path,
                   registered_model: str | None = None,
                   metrics: dict[str, float] | None = None) -> dict[str, Any]:
-    """Log the pyfunc (name "retriever") into run `run_id`; with `registered_model`, register
-    it, tag the version with `metrics` and point alias "candidate" at it.
+    """Save the pyfunc and log it as artifacts `retriever/` of run `run_id` (its status is
+    left as it was); with `registered_model`, register it as a new version tagged with
+    `metrics` and point alias "candidate" at it. Everything goes through one explicit client
+    bound to `tracking_uri`: MLflow's global tracking URI and active run are never touched.
 
     Returns {"model_uri", "run_model_uri", "version"} (version None when not registered)."""
     import warnings
 
-    import mlflow
+    import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
 
     for label, path in (("GECo checkpoint", geco_checkpoint), ("CIGM checkpoint",
                         generator_checkpoint), ("catalogue", catalogue)):
         if not Path(path).is_file():
             raise GecoError(f"log_retriever: {label} not found: {path}")
-    with _global_tracking_uri(tracking_uri):
-        with tempfile.TemporaryDirectory() as tmp, _in_run(run_id), warnings.catch_warnings():
-            artifacts = {"geco": _serving_copy(geco_checkpoint, "geco", Path(tmp) / "geco.pt"),
-                         "generator": _serving_copy(generator_checkpoint, "cigm",
-                                                    Path(tmp) / "generator.pt"),
-                         "catalogue": str(catalogue)}
+    client = _client(tracking_uri)
+    run_model_uri = f"runs:/{run_id}/{ARTIFACT_PATH}"
+    with tempfile.TemporaryDirectory() as tmp:
+        artifacts = {"geco": _serving_copy(geco_checkpoint, "geco", Path(tmp) / "geco.pt"),
+                     "generator": _serving_copy(generator_checkpoint, "cigm",
+                                                Path(tmp) / "generator.pt"),
+                     "catalogue": str(catalogue)}
+        model_dir = Path(tmp) / ARTIFACT_PATH
+        with warnings.catch_warnings():
             # No input example on purpose: MLflow would load and run the model to validate it.
             warnings.filterwarnings("ignore", message=".*input_example.*", category=UserWarning)
-            info = mlflow.pyfunc.log_model(
-                name=ARTIFACT_PATH, python_model=__getattr__("GecoRetrieverModel")(),
-                artifacts=artifacts, signature=signature(), pip_requirements=_requirements())
-        out: dict[str, Any] = {"model_uri": info.model_uri,
-                               "run_model_uri": f"runs:/{run_id}/{ARTIFACT_PATH}",
-                               "version": None}
-        if registered_model:
-            tags = {key: str(float(v)) for key, v in (metrics or {}).items()}
-            mv = mlflow.register_model(info.model_uri, registered_model, tags=tags)
-            mlflow.MlflowClient().set_registered_model_alias(registered_model, CANDIDATE,
-                                                             str(mv.version))
-            out["version"] = int(mv.version)
-        return out
+            mlflow.pyfunc.save_model(str(model_dir),
+                                     python_model=__getattr__("GecoRetrieverModel")(),
+                                     artifacts=artifacts, signature=signature(),
+                                     pip_requirements=_requirements())
+        client.log_artifacts(run_id, str(model_dir), ARTIFACT_PATH)
+    out: dict[str, Any] = {"model_uri": run_model_uri, "run_model_uri": run_model_uri,
+                           "version": None}
+    if registered_model:
+        try:
+            client.create_registered_model(registered_model)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                raise
+        source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
+        tags = {key: str(float(v)) for key, v in (metrics or {}).items()}
+        mv = client.create_model_version(registered_model, source, run_id=run_id, tags=tags)
+        client.set_registered_model_alias(registered_model, CANDIDATE, str(mv.version))
+        out["version"] = int(mv.version)
+        out["model_uri"] = f"models:/{registered_model}/{mv.version}"
+    return out
 
 
 def _version(client: Any, name: str, version: int | str):

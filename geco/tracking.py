@@ -1,8 +1,10 @@
-"""A thin MLflow tracking layer for the training drivers and the Ray workers.
+"""The MLflow layer of geco: runs for the training drivers and the Ray workers, and the one
+client factory the registry uses too.
 
-Every call goes through an explicit `mlflow.MlflowClient` bound to one URI (no fluent global
-state, so threads, Tune trials and Train workers cannot steal each other's active run). MLflow
-is imported lazily: `import geco.tracking` stays cheap and works without the orchestration extra.
+Every call goes through an explicit `mlflow.MlflowClient` bound to one URI (`client(uri)`; no
+fluent global state, so threads, Tune trials and Train workers cannot steal each other's
+active run). MLflow is imported lazily: `import geco.tracking` stays cheap and works without
+the orchestration extra.
 
 Failure policy (`tracking.on_error`): "fail" raises `TrackingError` naming the URI; "warn" logs
 one warning on the "geco" logger and turns the tracker into a no-op (run_id None), so training
@@ -12,17 +14,18 @@ goes on untracked but never silently.
 from __future__ import annotations
 
 import logging
+import math
 import numbers
 import os
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from geco.config import TrackingConfig
-from geco.errors import TrackingError
+from geco.errors import ConfigError, TrackingError
 
 log = logging.getLogger("geco")
 
@@ -32,6 +35,34 @@ MAX_TAG_VALUE = 8000
 # Config keys never sent to the tracking server, whatever their value.
 SECRET_MARKERS = ("secret", "password", "token", "access_key")
 START_HINT = "start it (infra/local/mlflow.sh start) or set tracking.on_error=warn / tracking.enabled=false"
+
+
+@dataclass
+class TrackingConfig:
+    """MLflow tracking of the Ray jobs and `geco compare`."""
+
+    enabled: bool = True
+    # Tracking server or store; empty = $MLFLOW_TRACKING_URI, else a local sqlite store
+    # (sqlite:///<cwd>/runs/mlflow.db).
+    uri: str = ""
+    experiment: str = "geco"
+    # fail | warn: an unreachable server stops the run (named), or the run goes on untracked
+    # with a warning; never silently.
+    on_error: Literal["fail", "warn"] = "fail"
+    registered_model: str = "geco-retriever"
+    # Promotion gate: the candidate's validation metric must beat the champion's by `margin`.
+    gate_metric: str = "valid_auc_1vs1"
+    gate_margin: float = 0.0
+
+    def validate(self, key: str) -> None:
+        if not math.isfinite(self.gate_margin):
+            raise ConfigError(f"{key}.gate_margin={self.gate_margin}: not a number")
+
+
+def numeric(record: Mapping[str, Any], skip: tuple[str, ...] = ()) -> dict[str, float]:
+    """The numbers of a record (an epoch, a metrics dict) as floats: what MLflow logs as
+    metrics and Ray reports; booleans, strings and the keys in `skip` are left out."""
+    return {k: float(v) for k, v in record.items() if _is_number(v) and k not in skip}
 
 
 def resolve_uri(cfg: TrackingConfig) -> str:
@@ -126,12 +157,12 @@ class Tracker:
         uri = resolve_uri(cfg)
         try:
             check_reachable(uri)
-            client = _client(uri)
-            experiment_id = _experiment_id(client, cfg.experiment, uri)
+            mlflow_client = client(uri)
+            experiment_id = _experiment_id(mlflow_client, cfg.experiment, uri)
             run_tags = {k: str(v)[:MAX_TAG_VALUE] for k, v in (tags or {}).items()}
             if parent_run_id:
                 run_tags["mlflow.parentRunId"] = parent_run_id
-            run = client.create_run(experiment_id, run_name=run_name, tags=run_tags)
+            run = mlflow_client.create_run(experiment_id, run_name=run_name, tags=run_tags)
         except Exception as e:  # noqa: BLE001 - any failure follows the on_error policy
             message = str(e) if isinstance(e, TrackingError) else (
                 f"MLflow tracking at {uri} failed to start run {run_name!r}: "
@@ -142,7 +173,7 @@ class Tracker:
                 log.warning("%s (tracking disabled for this run)", message)
                 return cls(cfg, uri=uri)
             raise TrackingError(message) from e
-        return cls(cfg, uri=uri, client=client, run_id=run.info.run_id, owned=True)
+        return cls(cfg, uri=uri, client=mlflow_client, run_id=run.info.run_id, owned=True)
 
     @classmethod
     def resume_or_start(cls, cfg: TrackingConfig, *, key: str, run_name: str,
@@ -155,9 +186,9 @@ class Tracker:
         uri = resolve_uri(cfg)
         try:
             check_reachable(uri)
-            client = _client(uri)
-            experiment_id = _experiment_id(client, cfg.experiment, uri)
-            found = client.search_runs([experiment_id], max_results=1,
+            mlflow_client = client(uri)
+            experiment_id = _experiment_id(mlflow_client, cfg.experiment, uri)
+            found = mlflow_client.search_runs([experiment_id], max_results=1,
                                        filter_string=f"tags.`geco.run_key` = '{key}'")
         except Exception as e:  # noqa: BLE001 - same policy as start()
             message = str(e) if isinstance(e, TrackingError) else (
@@ -168,8 +199,10 @@ class Tracker:
                 return cls(cfg, uri=uri), False
             raise TrackingError(f"{message}; {START_HINT}") from e
         if found:
-            tracker = cls(cfg, uri=uri, client=client, run_id=found[0].info.run_id, owned=True)
-            tracker._call("reopen the run", client.update_run, tracker.run_id, status="RUNNING")
+            tracker = cls(cfg, uri=uri, client=mlflow_client, run_id=found[0].info.run_id,
+                          owned=True)
+            tracker._call("reopen the run", mlflow_client.update_run, tracker.run_id,
+                          status="RUNNING")
             return tracker, False
         tracker = cls.start(cfg, run_name=run_name, parent_run_id=parent_run_id,
                             tags={**(tags or {}), "geco.run_key": key})
@@ -185,13 +218,13 @@ class Tracker:
             return cls(cfg)
         uri = resolve_uri(cfg)
         try:
-            client = _client(uri)
+            mlflow_client = client(uri)
         except Exception as e:  # noqa: BLE001
             if cfg.on_error == "warn":
                 log.warning("MLflow tracking at %s unavailable (%s); not logging", uri, e)
                 return cls(cfg, uri=uri)
             raise TrackingError(f"MLflow tracking at {uri} unavailable: {e}") from e
-        return cls(cfg, uri=uri, client=client, run_id=run_id, owned=False)
+        return cls(cfg, uri=uri, client=mlflow_client, run_id=run_id, owned=False)
 
     # -- logging ------------------------------------------------------------------------------
 
@@ -231,7 +264,7 @@ class Tracker:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items() if _is_number(v)]
+        batch = [Metric(k, v, now, step or 0) for k, v in numeric(metrics).items()]
         if batch:
             self._call("log metrics", self._client.log_batch, self.run_id, metrics=batch)
 
@@ -273,7 +306,8 @@ class Tracker:
             log.warning("%s", e)
 
 
-def _client(uri: str) -> Any:
+def client(uri: str | None) -> Any:
+    """An MlflowClient bound to `uri` for tracking and the model registry alike."""
     try:
         import mlflow
     except ImportError as e:
@@ -281,9 +315,9 @@ def _client(uri: str) -> Any:
             "MLflow tracking is enabled but mlflow is not installed: "
             "pip install -e '.[orchestration]' or set tracking.enabled=false"
         ) from e
-    if _is_http(uri):
+    if uri and _is_http(uri):
         _http_defaults()
-    return mlflow.MlflowClient(tracking_uri=uri)
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def _experiment_id(client: Any, name: str, uri: str) -> str:

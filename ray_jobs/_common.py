@@ -31,10 +31,10 @@ def load(args):
 
 def run(main) -> None:
     """Run `main()`; a geco error ends the job with one clear message and exit status 2."""
-    from geco.cli import _setup_logging
     from geco.errors import GecoError
+    from geco.train.runtime import setup_logging
 
-    _setup_logging()
+    setup_logging()
     try:
         main()
     except GecoError as exc:

@@ -24,8 +24,7 @@ def main() -> None:
     p.add_argument("--split", default="test", choices=("valid", "test"))
     args = p.parse_args()
     cfg = load(args)
-    from geco.cluster.compare import compare_pipeline
-    from geco.cluster.ray_train import connect, preflight
+    from geco.cluster.driver import compare_pipeline, connect, preflight
     from geco.compare import parse_models
 
     parse_models(args.models)  # a typo fails here, before anything starts

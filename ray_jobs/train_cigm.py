@@ -12,13 +12,8 @@ from _common import load, parser, run
 def main() -> None:
     args = parser(__doc__.splitlines()[0]).parse_args()
     cfg = load(args)
-    from geco.cluster.ray_train import (
-        checkpoint_uri,
-        connect,
-        preflight,
-        reported_epochs,
-        run_stage,
-    )
+    from geco.cluster.driver import connect, preflight, reported_epochs, run_stage
+    from geco.cluster.worker import checkpoint_uri
 
     preflight(cfg)
     connect(args.address)

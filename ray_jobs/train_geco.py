@@ -18,7 +18,7 @@ def main() -> None:
     p.add_argument("--split", default="test", help="split evaluated at the end (default test)")
     args = p.parse_args()
     cfg = load(args)
-    from geco.cluster.ray_train import connect, preflight, train_pipeline
+    from geco.cluster.driver import connect, preflight, train_pipeline
 
     preflight(cfg)  # bad data or credentials fail here, before any worker starts
     connect(args.address)

@@ -21,8 +21,7 @@ def main() -> None:
     p.add_argument("--split", default="test", help="split the best trial is evaluated on")
     args = p.parse_args()
     cfg = load(args)
-    from geco.cluster.ray_train import connect, preflight
-    from geco.cluster.tune import sweep_pipeline
+    from geco.cluster.driver import connect, preflight, sweep_pipeline
 
     preflight(cfg)
     connect(args.address)

@@ -23,8 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 from geco.cli import cmd_evaluate  # noqa: E402
 from geco.config import load_config  # noqa: E402
-from geco.train.cigm import train_cigm  # noqa: E402
-from geco.train.geco import train_geco  # noqa: E402
+from geco.train.loop import train  # noqa: E402
 
 
 def default_data() -> Path:
@@ -56,10 +55,10 @@ def main() -> int:
     ])
     run_dir = Path(args.run_dir)
     report = {}
-    for name, fn in (("cigm", train_cigm), ("geco", train_geco)):
+    for name in ("cigm", "geco"):
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        summary = fn(cfg, run_dir, resume=False)
+        _, summary = train(cfg, name, run_dir, resume=False)
         torch.cuda.synchronize()
         last = summary["history"][-1]
         report[name] = {"seconds": round(time.perf_counter() - t0, 1),

@@ -1,5 +1,6 @@
-"""Shared fixtures: the read-only shared data folder (skipped when absent) and a small
-synthetic dataset generated once per test session."""
+"""Shared fixtures: the read-only shared data folder (skipped when absent), a small
+synthetic dataset generated once per test session, and the tiny config every training test
+starts from."""
 
 from __future__ import annotations
 
@@ -8,12 +9,44 @@ from pathlib import Path
 
 import pytest
 
+from geco.config import Config, load_config
 from geco.data.synth import SynthSpec, generate
 
 # A spec small enough to generate in well under a second, still covering all 72 classes.
 SMALL_SPEC = SynthSpec(
     n_train_tops=192, pairs_per_top=2, n_valid=96, n_test=100, n_negatives=9, image_size=64
 )
+
+
+# The smallest run that still trains every model on the CPU in seconds: 32 px, one epoch per
+# stage, narrow networks, a random-init backbone, quiet progress. Tests add what they vary.
+TINY = [
+    "data.kind=standard", "data.image_size=32", "data.num_workers=0",
+    "cigm.features=8", "cigm.epochs=1", "cigm.batch_size=16",
+    "geco.epochs=1", "geco.batch_size=16", "geco.lr=3e-4",
+    "geco.backbone.weights=random", "geco.backbone.allow_random_init=true",
+    "baselines.bpr_dae.features=backbone", "baselines.bpr_dae.image_size=32",
+    "baselines.mgcm.features=8", "baselines.mgcm.batch_size=16",
+    "baselines.pix2pixcm.features=8", "baselines.pix2pixcm.batch_size=16",
+    "eval.batch_size=64", "runtime.log_every=1000",
+]
+
+
+class Tiny:
+    """`tiny(root, *overrides)`: the TINY config on the dataset folder `root` (None: no
+    folder), then `overrides`; `tiny.args(*overrides)`: the same as command-line overrides."""
+
+    def __call__(self, root: Path | str | None, *overrides: str) -> Config:
+        return load_config(None, self.args(*overrides, root=root))
+
+    @staticmethod
+    def args(*overrides: str, root: Path | str | None = None) -> list[str]:
+        return [*([f"data.root={root}"] if root is not None else []), *TINY, *overrides]
+
+
+@pytest.fixture(scope="session")
+def tiny() -> Tiny:
+    return Tiny()
 
 
 def shared_dir() -> Path:

@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,14 +46,46 @@ class RayHead:
         path.write_text(json.dumps(spec))
         return path
 
+    def _submit_cmd(self, runtime_env: Path, args: tuple[str, ...]) -> list[str]:
+        return [str(BIN / "ray"), "job", "submit", "--address", self.address,
+                "--runtime-env", str(runtime_env), "--", "python", *args]
+
     def submit(self, runtime_env: Path, *args: str, timeout: int = 900
                ) -> subprocess.CompletedProcess:
         """`ray job submit ... -- python ARGS` (waits for the job; output captured)."""
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.address,
-               "--runtime-env", str(runtime_env), "--", "python", *args]
         env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
-                              cwd=REPO)
+        return subprocess.run(self._submit_cmd(runtime_env, args), capture_output=True,
+                              text=True, timeout=timeout, env=env, cwd=REPO)
+
+    def start(self, runtime_env: Path, log: Path, *args: str) -> subprocess.Popen:
+        """`submit` without waiting: the job's output goes to `log`; `finish` collects it."""
+        env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        with open(log, "w") as out:
+            return subprocess.Popen(self._submit_cmd(runtime_env, args), stdout=out,
+                                    stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO)
+
+    @staticmethod
+    def finish(proc: subprocess.Popen, log: Path, timeout: int = 900
+               ) -> subprocess.CompletedProcess:
+        proc.wait(timeout=timeout)
+        return subprocess.CompletedProcess(proc.args, proc.returncode, log.read_text(), "")
+
+    def kill_training_worker(self, ready: Callable[[], bool], timeout: float = 300) -> int:
+        """A Ray-level fault: once `ready()` holds, SIGKILL one live Ray Train worker process
+        (its actor dies as on a crashed or preempted node). Returns the pid killed."""
+        from ray.util.state import list_actors
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if ready():
+                workers = list_actors(address=self.address, limit=1000, filters=[
+                    ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+                if workers:
+                    pid = max(int(w.pid) for w in workers)
+                    os.kill(pid, signal.SIGKILL)
+                    return pid
+            time.sleep(0.2)
+        raise AssertionError(f"no Ray Train worker to kill within {timeout:.0f} s")
 
 
 def _ray_sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:

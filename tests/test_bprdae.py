@@ -1,4 +1,4 @@
-"""BPR-DAE (REFERENCE §5.2): the loss by hand, the tied autoencoder, the frozen extractors
+"""BPR-DAE (docs/model.md §5.2): the loss by hand, the tied autoencoder, the frozen extractors
 (AlexNet fc7, the backbone fallback), learning on the small synthetic set, and resuming."""
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import torch
 from torchvision.models import alexnet
 
 from geco.baselines import evaluate_scorer
-from geco.baselines.base import BaselineContext, rolled_negatives
-from geco.baselines.bprdae import BPRDAEScorer, TiedAutoencoder, bprdae_loss, init_bound
-from geco.baselines.features import ALEXNET_IMAGENET_FILE, frozen_extractor
+from geco.baselines.base import rolled_negatives
+from geco.baselines.bprdae import TiedAutoencoder, bprdae_loss, frozen_extractor, init_bound
 from geco.config import load_config
-from geco.data.images import ImageFolder
-from geco.data.splits import load_splits, resolve_layout
+from geco.data.source import open_data
 from geco.errors import ConfigError, WeightsError
+from geco.models.backbone import ALEXNET_IMAGENET_FILE
+from geco.train.loop import fit, make_stage
 from geco.train.runtime import init_runtime
 
 # Small and fast: 32 px, GECo's random-init ResNet-18 as the frozen extractor, on the CPU.
@@ -223,13 +223,13 @@ def test_alexnet_imagenet_missing_raises_and_auto_falls_back(tmp_path, monkeypat
 # --------------------------------------------------------------------------- training
 
 
-def _context(root: Path, out_dir: Path, overrides: list[str]) -> tuple[BaselineContext, dict]:
-    cfg = load_config(None, FAST + overrides)
-    splits = load_splits(resolve_layout(root), splits=("train", "test"))
-    ctx = BaselineContext(cfg=cfg, images=ImageFolder(root / "img"), train=splits["train"],
-                          out_dir=out_dir, rt=init_runtime(cfg.runtime),
-                          data_key={"root": str(root)})
-    return ctx, splits
+def _stage(root: Path, run: Path, overrides: list[str]):
+    """(BPR-DAE stage for run dir `run`, runtime, train/test splits, images)."""
+    cfg = load_config(None, FAST + [f"data.root={root}", "data.kind=standard", *overrides])
+    data = open_data(cfg.data)
+    rt = init_runtime(cfg.runtime)
+    splits, images = data.splits(("train", "test"))
+    return make_stage("bpr-dae", cfg, rt, run, data=data), rt, splits, images
 
 
 KEYS = ("auc_1vs1", "auc_1vs3", "mrr_full_vs_random")
@@ -238,12 +238,12 @@ KEYS = ("auc_1vs1", "auc_1vs3", "mrr_full_vs_random")
 def test_learns_the_synthetic_compatibility(synth_small, tmp_path):
     # Random-init ResNet features at 32 px differ little between items; the reference's
     # lr 0.01 learns nothing in a few hundred steps (measured: AUC ~0.5), lr 1.0 does.
-    ctx, splits = _context(synth_small, tmp_path / "bpr", [
+    stage, rt, splits, images = _stage(synth_small, tmp_path, [
         "baselines.bpr_dae.hidden=64", "baselines.bpr_dae.batch_size=32",
         "baselines.bpr_dae.lr=1.0", "baselines.bpr_dae.epochs=30"])
-    scorer = BPRDAEScorer(ctx)
-    before = evaluate_scorer(scorer, splits["test"])
-    scorer.fit(ctx.train)
+    before = evaluate_scorer(stage.scorer(images), splits["test"])
+    summary = fit(stage, rt, tmp_path)
+    scorer = stage.scorer(images)
     after = evaluate_scorer(scorer, splits["test"])
     # Measured (100 test rows, baselines.bpr_dae.seed 0-3): untrained AUC-1vs1 0.44-0.54,
     # AUC-1vs3 0.48-0.55, MRR-full ~1x random; trained AUC-1vs1 0.77-0.80, AUC-1vs3
@@ -252,20 +252,22 @@ def test_learns_the_synthetic_compatibility(synth_small, tmp_path):
     assert after["mrr_full_vs_random"] > 1.8, after
     assert after["auc_1vs3"] > before["auc_1vs3"] + 0.15, (before, after)
 
-    assert scorer.checkpoint == tmp_path / "bpr" / "last.pt" and scorer.checkpoint.is_file()
-    assert [h["epoch"] for h in scorer.history] == list(range(1, 31))
-    assert set(scorer.history[0]) >= {"epoch", "loss", "bpr", "rec", "reg", "samples_per_s",
-                                      "seconds"}
-    assert scorer.history[-1]["loss"] < scorer.history[0]["loss"]
-    info = scorer.info
-    assert (info["feature_dim"], info["hidden"], info["epochs"]) == (512, 64, 30)
-    assert "resnet18" in info["features"] and info["train_seconds"] > 0
+    assert summary["last"] == str(tmp_path / "bpr-dae" / "last.pt")
+    assert Path(summary["last"]).is_file()
+    history = summary["history"]
+    assert [h["epoch"] for h in history] == list(range(1, 31))
+    assert set(history[0]) >= {"epoch", "train_loss", "train_bpr", "train_rec", "train_reg",
+                               "samples_per_s", "seconds"}
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    info = stage.info()
+    assert (info["feature_dim"], info["hidden"], len(history)) == (512, 64, 30)
+    assert "resnet18" in info["features"] and summary["train_seconds"] > 0
 
     # Eval embeddings come from the training features' transform and extractor.
-    ids = list(ctx.train.tops[:3])
+    ids = list(splits["train"].tops[:3])
     with torch.no_grad():
         torch.testing.assert_close(scorer.top_embeddings(ids),
-                                   scorer.top_ae.encode(scorer.extract(ids)))
+                                   stage.top_ae.encode(stage.extract(ids)))
     # score_pool is score against the replicated pool.
     pool = list(splits["test"].unique_bottoms()[:5])
     torch.testing.assert_close(scorer.score_pool(ids, pool), scorer.score(ids, [pool] * 3),
@@ -273,37 +275,36 @@ def test_learns_the_synthetic_compatibility(synth_small, tmp_path):
 
 
 def test_resume_continues_and_refuses_another_config(synth_small, tmp_path, monkeypatch):
-    out = tmp_path / "bpr"
     small = ["baselines.bpr_dae.hidden=16", "baselines.bpr_dae.batch_size=64"]
-    ctx, _ = _context(synth_small, out, small + ["baselines.bpr_dae.epochs=2"])
-    first = BPRDAEScorer(ctx)
-    first.fit(ctx.train)
-    assert [h["epoch"] for h in first.history] == [1, 2]
+    stage, rt, _, _ = _stage(synth_small, tmp_path, small + ["baselines.bpr_dae.epochs=2"])
+    first = fit(stage, rt, tmp_path)
+    assert [h["epoch"] for h in first["history"]] == [1, 2]
 
-    ctx3, splits = _context(synth_small, out, small + ["baselines.bpr_dae.epochs=3"])
-    second = BPRDAEScorer(ctx3)
-    second.fit(ctx3.train)
-    assert [h["epoch"] for h in second.history] == [1, 2, 3]
-    assert second.history[:2] == first.history  # epochs 1, 2 come from the checkpoint
-    assert second.info["resumed_after_epoch"] == 2 and second.info["epochs"] == 3
+    second_stage, rt, splits, images = _stage(synth_small, tmp_path,
+                                              small + ["baselines.bpr_dae.epochs=3"])
+    second = fit(second_stage, rt, tmp_path)
+    assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
+    assert second["history"][:2] == first["history"]  # epochs 1, 2 come from the checkpoint
+    assert second["resumed_after_epoch"] == 2 and second["epochs_trained"] == 1
 
     # The same config again: nothing to train, not even features to extract.
-    third = BPRDAEScorer(ctx3)
+    third_stage, rt, _, _ = _stage(synth_small, tmp_path, small + ["baselines.bpr_dae.epochs=3"])
 
     def no_extract(ids):
         raise AssertionError("a complete checkpoint must not re-extract features")
 
-    monkeypatch.setattr(third, "extract", no_extract)
-    third.fit(ctx3.train)
-    assert third.history == second.history
-    for a, b in zip(third.top_ae.state_dict().values(), second.top_ae.state_dict().values(),
-                    strict=True):
+    monkeypatch.setattr(third_stage, "extract", no_extract)
+    third = fit(third_stage, rt, tmp_path)
+    assert third["history"] == second["history"]
+    for a, b in zip(third_stage.top_ae.state_dict().values(),
+                    second_stage.top_ae.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    torch.testing.assert_close(evaluate_scorer(third, splits["test"])["auc_1vs3"],
-                               evaluate_scorer(second, splits["test"])["auc_1vs3"])
+    torch.testing.assert_close(
+        evaluate_scorer(third_stage.scorer(images), splits["test"])["auc_1vs3"],
+        evaluate_scorer(second_stage.scorer(images), splits["test"])["auc_1vs3"])
 
-    ctx_h, _ = _context(synth_small, out, ["baselines.bpr_dae.hidden=32",
-                                           "baselines.bpr_dae.batch_size=64",
-                                           "baselines.bpr_dae.epochs=3"])
-    with pytest.raises(ConfigError, match="baseline.hidden"):
-        BPRDAEScorer(ctx_h).fit(ctx_h.train)
+    other, rt, _, _ = _stage(synth_small, tmp_path, ["baselines.bpr_dae.hidden=32",
+                                                     "baselines.bpr_dae.batch_size=64",
+                                                     "baselines.bpr_dae.epochs=3"])
+    with pytest.raises(ConfigError, match="baselines.bpr_dae.hidden"):
+        fit(other, rt, tmp_path)

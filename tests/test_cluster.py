@@ -1,5 +1,5 @@
-"""geco.cluster.ray_train's pieces that need no Ray cluster: config checks, storage paths,
-parameter digests, generator sources, checkpoint packing, failure messages."""
+"""geco.cluster's pieces that need no Ray cluster: config checks, storage paths, parameter
+digests, generator sources, checkpoint packing, failure messages."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from geco.cluster import ray_train as rt
+from geco.cluster import driver, worker
 from geco.config import load_config
 from geco.errors import ConfigError, DataError, GecoError
 
@@ -30,8 +30,8 @@ def test_impossible_cluster_settings_are_refused(override, match):
 
 def test_storage_path_is_absolute_or_a_uri(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert rt.storage_path("runs/ray") == str(tmp_path / "runs" / "ray")
-    assert rt.storage_path("s3://bucket/prefix/") == "s3://bucket/prefix"
+    assert driver.storage_path("runs/ray") == str(tmp_path / "runs" / "ray")
+    assert driver.storage_path("s3://bucket/prefix/") == "s3://bucket/prefix"
 
 
 def test_param_digest_tells_identical_weights_from_different_ones():
@@ -40,10 +40,10 @@ def test_param_digest_tells_identical_weights_from_different_ones():
     b = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))
     b.load_state_dict(a.state_dict())
     b[1].running_mean += 1  # buffers are not parameters: DDP ranks may differ there
-    assert rt.param_digest([a]) == rt.param_digest([b])
+    assert worker.param_digest([a]) == worker.param_digest([b])
     with torch.no_grad():
         b[0].weight[0, 0] += 1e-6
-    assert rt.param_digest([a]) != rt.param_digest([b])
+    assert worker.param_digest([a]) != worker.param_digest([b])
 
 
 class FakeCheckpoint:
@@ -71,30 +71,30 @@ def test_pack_then_unpack_restores_the_stage_folder(tmp_path):
                                                 "optimizer": {"m": torch.ones(3)}}})
     (src / "scratch.tmp").write_text("not packed")
     ckpt = tmp_path / "ckpt"
-    rt._pack(src, ckpt / "geco")
+    worker.pack(src, ckpt / "geco")
     restored = tmp_path / "restored"
-    rt._unpack(FakeCheckpoint(ckpt), "geco", restored)
+    worker.unpack(FakeCheckpoint(ckpt), "geco", restored)
     names = sorted(str(p.relative_to(restored / "geco")) for p in (restored / "geco").rglob("*")
                    if p.is_file())
     assert names == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "samples/epoch_001.png"]
     best = load_checkpoint(restored / "geco" / "best.pt")  # slim: weights, no optimiser state
     assert list(best["state"]) == ["model"] and best["epoch"] == 1
     with pytest.raises(GecoError, match="holds no cigm/last.pt"):
-        rt._unpack(FakeCheckpoint(ckpt), "cigm", tmp_path / "other")
+        worker.unpack(FakeCheckpoint(ckpt), "cigm", tmp_path / "other")
 
 
 def test_generator_sources_local_file_folder_and_missing(tmp_path):
     pt = tmp_path / "gen.pt"
     pt.write_bytes(b"x")
-    assert rt.fetch_generator(str(pt), tmp_path / "w1") == pt
+    assert worker.fetch_generator(str(pt), tmp_path / "w1") == pt
     folder = tmp_path / "ckpt"
     (folder / "cigm").mkdir(parents=True)
     (folder / "cigm" / "last.pt").write_bytes(b"x")
-    assert rt.fetch_generator(str(folder), tmp_path / "w2") == folder / "cigm" / "last.pt"
+    assert worker.fetch_generator(str(folder), tmp_path / "w2") == folder / "cigm" / "last.pt"
     with pytest.raises(GecoError, match="nope.pt"):
-        rt.fetch_generator(str(tmp_path / "nope.pt"), tmp_path / "w3")
+        worker.fetch_generator(str(tmp_path / "nope.pt"), tmp_path / "w3")
     with pytest.raises(GecoError, match="no cigm/last.pt"):
-        rt.fetch_generator(str(tmp_path / "empty"), tmp_path / "w4")
+        worker.fetch_generator(str(tmp_path / "empty"), tmp_path / "w4")
 
 
 def test_ray_failures_become_one_message_naming_each_rank():
@@ -107,7 +107,7 @@ def test_ray_failures_become_one_message_naming_each_rank():
         worker_failures = {1: Wrapped(DataError("shard s3://b/train-000003.tar: truncated")),
                            0: RuntimeError("gloo: connection reset\nby peer")}
 
-    err = rt._explain(WorkerGroupError("boom"))
+    err = driver.explain_failure(WorkerGroupError("boom"))
     text = str(err)
     assert "rank 0: RuntimeError: by peer" in text
     assert "rank 1: DataError: shard s3://b/train-000003.tar: truncated" in text
@@ -120,9 +120,9 @@ def test_checkpoint_uri_names_the_filesystem():
     class Ck:
         path, filesystem = "bucket/ray/run/checkpoint_1", FS()
 
-    assert rt.checkpoint_uri(Ck()) == "s3://bucket/ray/run/checkpoint_1"
+    assert worker.checkpoint_uri(Ck()) == "s3://bucket/ray/run/checkpoint_1"
     Ck.filesystem = type("L", (), {"type_name": "local"})()
-    assert rt.checkpoint_uri(Ck()) == "bucket/ray/run/checkpoint_1"
+    assert worker.checkpoint_uri(Ck()) == "bucket/ray/run/checkpoint_1"
 
 
 @pytest.mark.parametrize("job", ["train_geco.py", "train_cigm.py"])
@@ -133,7 +133,8 @@ def test_job_scripts_explain_themselves_without_a_cluster(job):
 
 
 def test_library_imports_neither_ray_nor_mlflow():
-    code = ("import sys, geco.cli, geco.cluster.ray_train, geco.train.geco, geco.evaluate; "
+    code = ("import sys, geco.cli, geco.cluster.driver, geco.cluster.worker, geco.models.geco, "
+            "geco.evaluate, geco.compare; "
             "print(sorted(m for m in ('ray', 'mlflow') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=60)

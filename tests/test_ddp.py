@@ -22,29 +22,23 @@ WORKER = textwrap.dedent('''
     from pathlib import Path
     import torch
     from geco.config import load_config
-    from geco.data.source import ensure_synthetic
-    from geco.train.cigm import CIGMStage
-    from geco.train.geco import GECoStage
-    from geco.train.loop import fit, make_train_loader
+    from geco.data.source import open_data
+    from geco.train.loop import fit, make_stage
     from geco.train.runtime import init_runtime, shutdown_distributed, unwrap
 
-    data, run, extra = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]
-    cfg = load_config(None, [
-        f"data.root={data}", "data.kind=standard", "data.image_size=32", "data.num_workers=0",
-        "cigm.features=8", "cigm.epochs=1", "cigm.batch_size=8", "geco.epochs=1",
-        "geco.batch_size=8", "geco.backbone.weights=random",
-        "geco.backbone.allow_random_init=true", "runtime.log_every=1000", *extra])
+    run, overrides = Path(sys.argv[1]), sys.argv[2:]
+    cfg = load_config(None, overrides)
     rt = init_runtime(cfg.runtime)
+    data = open_data(cfg.data, rt)
     out = {}
-    cigm = CIGMStage(cfg, rt)
-    loader = make_train_loader(cigm, rt, seed=cfg.runtime.seed, num_workers=0)
-    loader.batch_sampler.set_epoch(0)
-    out["indices"] = [i for b in loader for i in b["index"].tolist()]
-    fit(cigm, rt, run, cfg.to_dict(), seed=cfg.runtime.seed, resume=False)
+    cigm = make_stage("cigm", cfg, rt, run, data=data)
+    cigm.loader.set_epoch(0)
+    out["indices"] = [i for b in cigm.loader for i in b["index"].tolist()]
+    fit(cigm, rt, run, resume=False)
     # Parameters, not buffers: BatchNorm running stats are per rank between broadcasts.
     out["cigm"] = {k: v.double().sum().item() for k, v in unwrap(cigm.g).named_parameters()}
-    geco = GECoStage(cfg, rt, run / "cigm" / "last.pt")
-    fit(geco, rt, run, cfg.to_dict(), seed=cfg.runtime.seed, resume=False)
+    geco = make_stage("geco", cfg, rt, run, data=data)
+    fit(geco, rt, run, resume=False)
     out["geco"] = {k: v.double().sum().item() for k, v in unwrap(geco.model).named_parameters()}
     Path(run, f"rank{rt.rank}.json").write_text(json.dumps(out))
     shutdown_distributed()
@@ -58,7 +52,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("extra", [[], ["geco.global_negatives=true"]])
-def test_two_ranks_agree_and_cover_the_epoch(synth_small, tmp_path, extra):
+def test_two_ranks_agree_and_cover_the_epoch(synth_small, tiny, tmp_path, extra):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     run = tmp_path / "run"
@@ -66,7 +60,8 @@ def test_two_ranks_agree_and_cover_the_epoch(synth_small, tmp_path, extra):
            "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
            "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-           str(script), str(synth_small), str(run), *extra]
+           str(script), str(run),
+           *tiny.args("cigm.batch_size=8", "geco.batch_size=8", *extra, root=synth_small)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 

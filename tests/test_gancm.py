@@ -1,6 +1,6 @@
-"""MGCM and Pix2PixCM (REFERENCE §5.3-§5.4): network shapes, the two discriminator losses
-(§7 item 9), the score's sign (§7 item 10), the frozen generator in the compatibility step,
-learning on the small synthetic set, and resumable training."""
+"""MGCM and Pix2PixCM (docs/model.md §5.3-5.4): network shapes, the two discriminator losses
+and the score's sign (the reference's and ours, docs/model.md §7), the frozen generator in the
+compatibility step, learning on the small synthetic set, and resumable training."""
 
 from __future__ import annotations
 
@@ -11,17 +11,15 @@ import pytest
 import torch
 
 from geco.baselines import evaluate_scorer
-from geco.baselines.base import BaselineContext
 from geco.baselines.gancm import (
+    GanCMConfig,
     GanCMModel,
-    MGCMScorer,
-    Pix2PixCMScorer,
     bpr_loss,
     discriminator_loss,
     generator_loss,
 )
-from geco.config import GanCMConfig, load_config
-from geco.data.images import ImageFolder
+from geco.config import load_config
+from geco.data.source import open_data
 from geco.data.splits import load_splits, resolve_layout
 from geco.errors import ConfigError
 from geco.models.gancm import (
@@ -33,6 +31,7 @@ from geco.models.gancm import (
     PatchDiscriminator,
     compat_score,
 )
+from geco.train.loop import make_stage, train
 from geco.train.runtime import init_runtime
 
 
@@ -151,22 +150,31 @@ def test_score_sign_and_dot_term():
         assert ((s_far > s_near) if faithful else (s_far < s_near)).all()
 
 
-def _ctx(root: Path, out: Path, kind: str = "mgcm", *extra: str) -> BaselineContext:
-    cfg = load_config(None, ["runtime.device=cpu", "data.num_workers=0",
-                             f"baselines.{kind}.features=8", f"baselines.{kind}.batch_size=16",
-                             f"baselines.{kind}.lr=1e-3", *extra])
-    train = load_splits(resolve_layout(root), splits=("train",))["train"]
-    return BaselineContext(cfg=cfg, images=ImageFolder(root / "img"), train=train, out_dir=out,
-                           rt=init_runtime(cfg.runtime), data_key={"root": str(root)})
+def _cfg(root: Path, kind: str = "mgcm", *extra: str):
+    return load_config(None, ["runtime.device=cpu", "data.num_workers=0", f"data.root={root}",
+                              "data.kind=standard", f"baselines.{kind}.features=8",
+                              f"baselines.{kind}.batch_size=16", f"baselines.{kind}.lr=1e-3",
+                              *extra])
+
+
+def _train(root: Path, run: Path, *extra: str):
+    """(trained MGCM stage, fit summary, scorer) in run dir `run`."""
+    cfg = _cfg(root, "mgcm", *extra)
+    data = open_data(cfg.data)
+    stage, summary = train(cfg, "mgcm", run, data=data)
+    return stage, summary, stage.scorer(data.splits(("train",))[1])
 
 
 @pytest.mark.parametrize("faithful", [False, True])
 def test_scorer_paths_agree_with_the_training_score(synth_small, tmp_path, faithful):
     """score (match), score_pool (matmul + cdist) and the training-time score are one score."""
-    ctx = _ctx(synth_small, tmp_path, "pix2pixcm", f"baselines.pix2pixcm.faithful={faithful}",
+    cfg = _cfg(synth_small, "pix2pixcm", f"baselines.pix2pixcm.faithful={faithful}",
                "baselines.pix2pixcm.beta=0.3")
-    scorer = Pix2PixCMScorer(ctx)
-    tops, pool = list(ctx.train.tops[:5]), list(dict.fromkeys(ctx.train.bottoms))[:7]
+    data = open_data(cfg.data)
+    stage = make_stage("pix2pixcm", cfg, init_runtime(cfg.runtime), tmp_path, data=data)
+    images = data.splits(("train",))[1]
+    scorer = stage.scorer(images)
+    tops, pool = list(stage.train_split.tops[:5]), list(dict.fromkeys(stage.train_split.bottoms))[:7]
     sampled = scorer.score(tops, [pool] * len(tops))
     full = scorer.score_pool(tops, pool)
     assert sampled.shape == full.shape == (5, 7)
@@ -174,8 +182,8 @@ def test_scorer_paths_agree_with_the_training_score(synth_small, tmp_path, faith
     e = scorer.emb_dim
     t, b = scorer.top_embeddings(tops), scorer.bottom_embeddings(pool)
     assert t.shape == (5, e + 64 * 4) and b.shape == (7, e + 64 * 4)  # 8f·2·2 = 256
-    x = torch.stack([scorer.top_transform()(ctx.images.load(i)) for i in tops])
-    y = torch.stack([scorer.top_transform()(ctx.images.load(i)) for i in pool])
+    x = torch.stack([scorer.top_transform()(images.load(i)) for i in tops])
+    y = torch.stack([scorer.top_transform()(images.load(i)) for i in pool])
     scorer.model.eval()
     with torch.no_grad():
         s_t, d1 = scorer.model.top_parts(x)
@@ -223,18 +231,17 @@ def test_mgcm_learns_the_synthetic_rule(synth_small, tmp_path):
     """f=8, 4 epochs of 24 steps (batch 16, lr 1e-3): measured AUC-1vs1 0.81, AUC-1vs3 0.80,
     MRR-full 0.125 (random 0.052) at seed 0; seeds 1-3 gave AUC-1vs3 0.79, 0.62, 0.77.
     Chance is AUC 0.5; the bars leave margin for other CPUs / torch builds."""
-    ctx = _ctx(synth_small, tmp_path / "mgcm", "mgcm", "baselines.mgcm.epochs=4")
-    scorer = MGCMScorer(ctx)
-    scorer.fit(ctx.train)
+    stage, summary, scorer = _train(synth_small, tmp_path, "baselines.mgcm.epochs=4")
     test = load_splits(resolve_layout(synth_small), splits=("test",))["test"]
     m = evaluate_scorer(scorer, test)
+    history = summary["history"]
     print({k: round(m[k], 4) for k in ("auc_1vs1", "auc_1vs3", "mrr_1vs9", "mrr_full")},
-          [round(h["bpr"], 3) for h in scorer.history])
+          [round(h["train_bpr"], 3) for h in history])
     assert m["auc_1vs3"] > 0.62 and m["auc_1vs1"] > 0.58
     assert m["mrr_full"] > 1.3 * m["random_mrr_full"]
-    assert scorer.history[-1]["bpr"] < scorer.history[0]["bpr"]
-    assert scorer.history[-1]["g_l1"] < scorer.history[0]["g_l1"]
-    assert scorer.info["generator"] == "MGCMGenerator" and scorer.info["epochs"] == 4
+    assert history[-1]["train_bpr"] < history[0]["train_bpr"]
+    assert history[-1]["train_g_l1"] < history[0]["train_g_l1"]
+    assert stage.info()["generator"] == "MGCMGenerator" and len(history) == 4
 
 
 # --------------------------------------------------------------------------- resume
@@ -242,39 +249,34 @@ def test_mgcm_learns_the_synthetic_rule(synth_small, tmp_path):
 
 def test_resume_refit_config_drift_and_grids(synth_small, tmp_path):
     steps = "baselines.mgcm.max_steps_per_epoch=2"
-    out = tmp_path / "run"
-    one = MGCMScorer(_ctx(synth_small, out, "mgcm", steps, "baselines.mgcm.epochs=1"))
-    one.fit(one.ctx.train)
-    assert one.info["epochs_trained"] == 1 and len(one.history) == 1
-    assert one.checkpoint == out / "last.pt" and one.checkpoint.is_file()
-    assert sorted(p.name for p in one.samples_dir.iterdir()) == ["epoch_001.png"]
+    run = tmp_path / "run"
+    samples = run / "mgcm" / "samples"
+    _, one, _ = _train(synth_small, run, steps, "baselines.mgcm.epochs=1")
+    assert one["epochs_trained"] == 1 and len(one["history"]) == 1
+    assert one["last"] == str(run / "mgcm" / "last.pt") and Path(one["last"]).is_file()
+    assert sorted(p.name for p in samples.iterdir()) == ["epoch_001.png"]
 
-    two = MGCMScorer(_ctx(synth_small, out, "mgcm", steps, "baselines.mgcm.epochs=2"))
-    two.fit(two.ctx.train)
-    assert two.info["epochs_trained"] == 1 and two.info["resumed_after_epoch"] == 1
-    assert [h["epoch"] for h in two.history] == [1, 2]
-    assert two.history[0] == one.history[0]
-    assert two.history[1]["steps"] == 2 and two.history[1]["samples"] == 32
-    assert sorted(p.name for p in two.samples_dir.iterdir()) == ["epoch_001.png",
-                                                                  "epoch_002.png"]
+    two_stage, two, two_scorer = _train(synth_small, run, steps, "baselines.mgcm.epochs=2")
+    assert two["epochs_trained"] == 1 and two["resumed_after_epoch"] == 1
+    assert [h["epoch"] for h in two["history"]] == [1, 2]
+    assert two["history"][0] == one["history"][0]
+    assert two["history"][1]["steps"] == 2 and two["history"][1]["samples"] == 32
+    assert sorted(p.name for p in samples.iterdir()) == ["epoch_001.png", "epoch_002.png"]
 
     # Resuming trains exactly what an uninterrupted run trains (CPU, fixed seeds).
-    straight = MGCMScorer(_ctx(synth_small, tmp_path / "straight", "mgcm", steps,
-                               "baselines.mgcm.epochs=2"))
-    straight.fit(straight.ctx.train)
-    a, b = two.model.state_dict()["generator"], straight.model.state_dict()["generator"]
+    straight, _, straight_scorer = _train(synth_small, tmp_path / "straight", steps,
+                                          "baselines.mgcm.epochs=2")
+    a = two_stage.model.state_dict()["generator"]
+    b = straight.model.state_dict()["generator"]
     assert all(torch.equal(a[k], b[k]) for k in a)
-    ids = list(two.ctx.train.tops[:4])
-    assert torch.equal(two.score_pool(ids, ids[:3]), straight.score_pool(ids, ids[:3]))
+    ids = list(two_stage.train_split.tops[:4])
+    assert torch.equal(two_scorer.score_pool(ids, ids[:3]), straight_scorer.score_pool(ids, ids[:3]))
 
     # The same config again: nothing to train, the saved model is loaded.
-    again = MGCMScorer(_ctx(synth_small, out, "mgcm", steps, "baselines.mgcm.epochs=2"))
-    again.fit(again.ctx.train)
-    assert again.info["epochs_trained"] == 0 and len(again.history) == 2
-    assert torch.equal(again.score_pool(ids, ids[:3]), two.score_pool(ids, ids[:3]))
+    _, again, again_scorer = _train(synth_small, run, steps, "baselines.mgcm.epochs=2")
+    assert again["epochs_trained"] == 0 and len(again["history"]) == 2
+    assert torch.equal(again_scorer.score_pool(ids, ids[:3]), two_scorer.score_pool(ids, ids[:3]))
 
     # Another model in the same folder is refused, naming the key.
-    other = MGCMScorer(_ctx(synth_small, out, "mgcm", steps, "baselines.mgcm.epochs=2",
-                            "baselines.mgcm.features=4"))
     with pytest.raises(ConfigError, match="features"):
-        other.fit(other.ctx.train)
+        _train(synth_small, run, steps, "baselines.mgcm.epochs=2", "baselines.mgcm.features=4")

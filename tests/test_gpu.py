@@ -6,8 +6,7 @@ import pytest
 
 from geco.cli import cmd_evaluate
 from geco.config import load_config
-from geco.train.cigm import train_cigm
-from geco.train.geco import train_geco
+from geco.train.loop import train
 
 pytestmark = pytest.mark.gpu
 
@@ -23,8 +22,8 @@ def test_one_short_epoch_each_on_mango_dev(shared_data, tmp_path):
         "geco.backbone.allow_random_init=true",
     ])
     run = tmp_path / "run"
-    for fn in (train_cigm, train_geco):
-        summary = fn(cfg, run, resume=False)
+    for stage in ("cigm", "geco"):
+        _, summary = train(cfg, stage, run, resume=False)
         record = summary["history"][-1]
         assert record["samples_per_s"] > 0 and record["skipped_samples"] == 0
     m = cmd_evaluate(cfg, run, "test", str(tmp_path / "m.json"), None)

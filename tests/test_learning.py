@@ -9,26 +9,21 @@ from pathlib import Path
 import pytest
 
 from geco.cli import cmd_evaluate
-from geco.config import load_config
 from geco.data.synth import SynthSpec, generate
-from geco.train.cigm import train_cigm
-from geco.train.geco import train_geco
+from geco.train.loop import train
 
 pytestmark = pytest.mark.slow
 
 SPEC = SynthSpec(n_train_tops=288, pairs_per_top=2, n_valid=96, n_test=120, image_size=64, seed=3)
+# The tiny config grown until it learns: 64 px, a wider CIGM, more epochs.
+LEARN = ["data.image_size=64", "cigm.features=16", "cigm.epochs=3", "geco.epochs=5",
+         "geco.batch_size=32"]
 
 
-def run_pipeline(data: Path, run: Path) -> dict:
-    cfg = load_config(None, [
-        f"data.root={data}", "data.kind=standard", "data.image_size=64", "data.num_workers=0",
-        "cigm.features=16", "cigm.epochs=3", "cigm.batch_size=16",
-        "geco.epochs=5", "geco.batch_size=32", "geco.lr=3e-4",
-        "geco.backbone.weights=random", "geco.backbone.allow_random_init=true",
-        "runtime.log_every=1000",
-    ])
-    train_cigm(cfg, run)
-    train_geco(cfg, run)
+def run_pipeline(tiny, data: Path, run: Path) -> dict:
+    cfg = tiny(data, *LEARN)
+    train(cfg, "cigm", run)
+    train(cfg, "geco", run)
     return cmd_evaluate(cfg, run, "test", str(run / "metrics.json"), None)
 
 
@@ -39,15 +34,15 @@ def data(tmp_path_factory) -> Path:
     return out
 
 
-def test_geco_learns_the_compatibility_rule(data, tmp_path):
-    m = run_pipeline(data, tmp_path / "run")
+def test_geco_learns_the_compatibility_rule(tiny, data, tmp_path):
+    m = run_pipeline(tiny, data, tmp_path / "run")
     # Chance: AUC 0.5, MRR-full = H_U/U (about 0.045 for 120 candidates).
     assert m["auc_1vs1"] >= 0.75, m
     assert m["auc_1vs3"] >= 0.75, m
     assert m["mrr_full"] >= 3 * m["random_mrr_full"], m
 
 
-def test_shuffled_pairs_stay_near_chance(data, tmp_path):
+def test_shuffled_pairs_stay_near_chance(tiny, data, tmp_path):
     # Same images, same pipeline, but each top paired with a random bottom: nothing to learn.
     shuffled = tmp_path / "shuffled"
     shuffled.mkdir()
@@ -61,6 +56,6 @@ def test_shuffled_pairs_stay_near_chance(data, tmp_path):
     random.Random(0).shuffle(bottoms)
     lines = [header, *(f"{t},{b}" for t, b in zip(tops, bottoms, strict=True))]
     (shuffled / "files" / "train.csv").write_text("\n".join(lines) + "\n")
-    m = run_pipeline(shuffled, tmp_path / "run")
+    m = run_pipeline(tiny, shuffled, tmp_path / "run")
     assert m["auc_1vs1"] <= 0.65, m
     assert m["mrr_full"] <= 2 * m["random_mrr_full"], m

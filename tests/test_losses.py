@@ -9,15 +9,13 @@ import torch
 import torch.nn.functional as F
 
 from geco.errors import ConfigError
-from geco.losses import (
+from geco.models.cigm import CIGMConfig, gan_d_loss, gan_g_loss
+from geco.models.geco import (
     bpr_loss,
-    gan_d_loss,
-    gan_g_loss,
     geco_loss,
     info_nce,
     l2_regulariser,
     reference_regulariser,
-    validate_gan_loss,
     validate_geco_loss,
 )
 
@@ -181,8 +179,8 @@ def test_validate_geco_loss_accepts(alpha: float, beta: float) -> None:
 
 
 def test_validate_gan_loss() -> None:
-    validate_gan_loss(0.0)
-    validate_gan_loss(100.0)
+    CIGMConfig(lambda_l1=0.0).validate("cigm")
+    CIGMConfig(lambda_l1=100.0).validate("cigm")
     for bad in (-1.0, float("nan"), float("inf")):
         with pytest.raises(ConfigError, match="lambda_l1"):
-            validate_gan_loss(bad)
+            CIGMConfig(lambda_l1=bad).validate("cigm")

@@ -13,7 +13,6 @@ from torch import nn
 from torchvision.models import resnet18
 
 from geco.errors import ConfigError, WeightsError
-from geco.losses import geco_loss
 from geco.models import (
     RESNET18_IMAGENET_FILE,
     GECo,
@@ -24,6 +23,7 @@ from geco.models import (
     resnet18_features,
 )
 from geco.models import backbone as backbone_mod
+from geco.models.geco import geco_loss
 
 RESNET18_NO_FC = 11_176_512
 

@@ -16,28 +16,18 @@ import pytest
 import torch
 
 from geco import registry
-from geco.config import load_config
 from geco.data.images import ImageFolder
+from geco.data.source import open_data
 from geco.data.transforms import imagenet_transform
 from geco.errors import GecoError
-from geco.train.cigm import train_cigm
-from geco.train.geco import load_retriever, train_geco
+from geco.models.geco import load_retriever
+from geco.train.loop import train
 
 mlflow = pytest.importorskip("mlflow")
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = "geco-retriever"
 N_QUERIES = 10
-
-
-def tiny(root: Path):
-    return load_config(None, [
-        f"data.root={root}", "data.kind=standard", "data.image_size=32", "data.num_workers=0",
-        "cigm.features=8", "cigm.epochs=1", "cigm.batch_size=16",
-        "geco.epochs=1", "geco.batch_size=16", "geco.lr=3e-4",
-        "geco.backbone.weights=random", "geco.backbone.allow_random_init=true",
-        "eval.batch_size=64", "runtime.log_every=1000",
-    ])
 
 
 def split_rows(root: Path) -> list[list[str]]:
@@ -64,18 +54,20 @@ def stray_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_files(synth_small, tmp_path_factory):
+def model_files(synth_small, tiny, tmp_path_factory):
     """A 1-epoch CIGM + GECo at 32 px and a catalogue of every test-split bottom."""
     run = tmp_path_factory.mktemp("registry_run")
-    train_cigm(tiny(synth_small), run)
-    summary = train_geco(tiny(synth_small), run)
+    train(tiny(synth_small), "cigm", run)
+    _, summary = train(tiny(synth_small), "geco", run)
     files = {"geco": run / "geco" / "best.pt", "generator": run / "cigm" / "last.pt",
              "catalogue": run / "catalogue.pt"}
     retriever, _ = load_retriever(files["geco"], torch.device("cpu"),
                                   generator_path=files["generator"])
+    cat = registry.build_catalogue(retriever, open_data(tiny(synth_small).data), "test",
+                                   files["catalogue"], image_size=32)
+    # Every bottom the test rows mention, once, in order of first appearance.
     ids = [b for row in split_rows(synth_small) for b in row[1:]]
-    registry.build_catalogue(retriever, ImageFolder(synth_small / "img"), files["catalogue"],
-                             image_size=32, ids=ids)
+    assert cat["ids"] == list(dict.fromkeys(ids))
     return files, summary
 
 
@@ -234,9 +226,6 @@ def test_catalogue_and_input_guards(model_files, synth_small, tmp_path):
         torch.save({**cat, **change}, tmp_path / "bad.pt")
         with pytest.raises(GecoError, match=match):
             registry.load_bundle(files["geco"], files["generator"], tmp_path / "bad.pt")
-    with pytest.raises(GecoError, match="needs the list of ids"):
-        registry.build_catalogue(bundle.retriever, ImageFolder(synth_small / "img"),
-                                 tmp_path / "c.pt", image_size=32)
 
 
 def test_gate_promotes_refuses_and_rolls_back(store, model_files):

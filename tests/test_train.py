@@ -11,28 +11,23 @@ import pytest
 import torch
 
 from geco.cli import cmd_evaluate, main
-from geco.config import load_config
 from geco.errors import DataError, GecoError
-from geco.train.cigm import train_cigm
-from geco.train.geco import train_geco
+from geco.train.loop import train
 
 
-def tiny(root: Path, *extra: str):
-    return load_config(None, [
-        f"data.root={root}", "data.kind=standard", "data.image_size=32", "data.num_workers=0",
-        "cigm.features=8", "cigm.epochs=1", "cigm.batch_size=16",
-        "geco.epochs=1", "geco.batch_size=16", "geco.lr=3e-4",
-        "geco.backbone.weights=random", "geco.backbone.allow_random_init=true",
-        "eval.batch_size=64", "runtime.log_every=1000", *extra,
-    ])
+def train_cigm(cfg, run):
+    return train(cfg, "cigm", run)[1]
+
+
+def train_geco(cfg, run):
+    return train(cfg, "geco", run)[1]
 
 
 @pytest.fixture(scope="module")
-def trained(synth_small, tmp_path_factory):
+def trained(synth_small, tiny, tmp_path_factory):
     """One CIGM epoch and one GECo epoch in a run dir shared by this module's tests."""
     run = tmp_path_factory.mktemp("run")
-    cfg = tiny(synth_small)
-    train_cigm(cfg, run)
+    train_cigm(tiny(synth_small), run)
     summary = train_geco(tiny(synth_small), run)
     return run, summary
 
@@ -57,7 +52,7 @@ def test_run_dir_holds_checkpoints_config_history_and_grids(trained, synth_small
     assert 0.0 <= record["valid_auc_1vs1"] <= 1.0
 
 
-def test_resume_continues_without_repeating_epochs(trained, synth_small, tmp_path):
+def test_resume_continues_without_repeating_epochs(tiny, trained, synth_small, tmp_path):
     run, _ = trained
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
@@ -70,7 +65,7 @@ def test_resume_continues_without_repeating_epochs(trained, synth_small, tmp_pat
     assert [r["epoch"] for r in again["history"]] == [1, 2]
 
 
-def test_resume_refuses_a_different_config(trained, synth_small, tmp_path):
+def test_resume_refuses_a_different_config(tiny, trained, synth_small, tmp_path):
     run, _ = trained
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
@@ -78,7 +73,7 @@ def test_resume_refuses_a_different_config(trained, synth_small, tmp_path):
         train_geco(tiny(synth_small, "geco.epochs=2", "geco.alpha=0.9"), copy)
 
 
-def test_a_run_saved_before_new_config_sections_still_resumes(trained, synth_small, tmp_path):
+def test_a_run_saved_before_new_config_sections_still_resumes(tiny, trained, synth_small, tmp_path):
     """A checkpoint written by an older geco lacks sections and keys added since (here the
     baselines, tracking and tune sections and one GECo key): they take their defaults, so the
     run resumes; a changed setting is still refused."""
@@ -100,7 +95,7 @@ def test_a_run_saved_before_new_config_sections_still_resumes(trained, synth_sma
         train_geco(tiny(synth_small, "geco.epochs=3", "geco.global_negatives=true"), copy)
 
 
-def test_evaluate_is_deterministic_and_complete(trained, synth_small, tmp_path):
+def test_evaluate_is_deterministic_and_complete(tiny, trained, synth_small, tmp_path):
     run, _ = trained
     a = cmd_evaluate(tiny(synth_small), run, "test", str(tmp_path / "a.json"), None)
     b = cmd_evaluate(tiny(synth_small, "eval.batch_size=7"), run, "test",
@@ -127,7 +122,7 @@ def _shard_test_split(synth_small: Path, out: Path) -> Path:
     return out
 
 
-def test_evaluate_from_shards_equals_the_folder_with_the_same_bytes(trained, synth_small,
+def test_evaluate_from_shards_equals_the_folder_with_the_same_bytes(tiny, trained, synth_small,
                                                                     tmp_path):
     """Shard evaluation (eval rows + catalogue, several shards, 2 workers) scores exactly like
     folder evaluation of a folder holding the shards' own JPEG bytes; the dataset folder is not
@@ -162,7 +157,7 @@ def test_evaluate_from_shards_equals_the_folder_with_the_same_bytes(trained, syn
     assert str(shards) in sharded["dataset"]
 
 
-def test_evaluate_from_shards_names_a_missing_catalogue_shard(trained, synth_small, tmp_path):
+def test_evaluate_from_shards_names_a_missing_catalogue_shard(tiny, trained, synth_small, tmp_path):
     run, _ = trained
     shards = _shard_test_split(synth_small, tmp_path / "shards")
     victim = sorted(shards.glob("catalogue-test-*.tar"))[-1]
@@ -173,7 +168,7 @@ def test_evaluate_from_shards_names_a_missing_catalogue_shard(trained, synth_sma
         cmd_evaluate(tiny(synth_small, f"data.shards={shards}"), run, "train", None, None)
 
 
-def test_unreadable_training_image_is_named_or_counted(synth_small, tmp_path):
+def test_unreadable_training_image_is_named_or_counted(tiny, synth_small, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synth_small, data)
     first = (data / "files" / "train.csv").read_text().splitlines()[1].split(",")
@@ -206,7 +201,7 @@ def test_cli_names_the_missing_generator(synth_small, tmp_path, capsys):
     assert "no CIGM generator" in err and "cigm" in err
 
 
-def test_backbone_without_weights_stops_clearly(synth_small, tmp_path, capsys, monkeypatch):
+def test_backbone_without_weights_stops_clearly(tiny, synth_small, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-hub"))
     run = tmp_path / "run"
     train_cigm(tiny(synth_small), run)
@@ -217,7 +212,7 @@ def test_backbone_without_weights_stops_clearly(synth_small, tmp_path, capsys, m
     assert "allow_random_init" in capsys.readouterr().err
 
 
-def test_killed_training_resumes_from_its_last_checkpoint(synth_small, tmp_path):
+def test_killed_training_resumes_from_its_last_checkpoint(tiny, synth_small, tmp_path):
     import os
     import signal
     import subprocess
@@ -225,10 +220,9 @@ def test_killed_training_resumes_from_its_last_checkpoint(synth_small, tmp_path)
     import time
 
     run = tmp_path / "run"
-    args = ["train", "cigm", "--run-dir", str(run), f"data.root={synth_small}",
-            "data.kind=standard", "data.image_size=32", "data.num_workers=0",
-            "cigm.features=8", "cigm.epochs=12", "cigm.batch_size=16", "cigm.max_steps_per_epoch=2",
-            "cigm.n_samples=2", "runtime.log_every=1000"]
+    args = ["train", "cigm", "--run-dir", str(run),
+            *tiny.args("cigm.epochs=12", "cigm.max_steps_per_epoch=2", "cigm.n_samples=2",
+                       root=synth_small)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-m", "geco.cli", *args], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -253,7 +247,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(synth_small, tmp_path)
 
 
 @pytest.mark.integration
-def test_both_stages_train_from_shards_in_s3(synth_small, s3_env, tmp_path, capsys):
+def test_both_stages_train_from_shards_in_s3(tiny, synth_small, s3_env, tmp_path, capsys):
     """synthetic -> shards -> SeaweedFS (auth on) -> streamed into CIGM and GECo training."""
     url = f"s3://{s3_env.bucket}/train-from-s3"
     common = [f"data.root={synth_small}", "data.kind=standard", "data.image_size=32"]
@@ -280,7 +274,7 @@ def test_both_stages_train_from_shards_in_s3(synth_small, s3_env, tmp_path, caps
     assert load_manifest(url)["splits"]["train"]["samples"] == n_train
 
 
-def test_cigm_resume_ignores_geco_settings_but_not_its_own(trained, synth_small, tmp_path):
+def test_cigm_resume_ignores_geco_settings_but_not_its_own(tiny, trained, synth_small, tmp_path):
     """A sweep reuses a finished CIGM run with other GECo settings: allowed; a CIGM setting
     that changes what was trained is still refused."""
     run, _ = trained

@@ -1,58 +1,43 @@
 """What the image-based baselines (BPR-DAE, MGCM, Pix2PixCM) share: encoding images by id,
-an embedding-cached `Scorer`, the training-pair loader, and a resumable per-epoch checkpoint.
+an embedding-cached `Scorer`, and rolled in-batch negatives. They train as stages of
+geco.train.loop (checkpoints, resume and progress live there).
 
-Images come from any `ImageSource` (`geco.data.images.ImageFolder`, or the in-memory images
-read from shards): `load(item_id, context=...)` returns a decoded RGB PIL image or raises
-`DataError` naming it. Baselines never skip images: a score is needed for every candidate.
+Images come from any `geco.data.images.ImageSource` (a folder, or the images read from
+shards): `load(item_id, context=...)` returns a decoded RGB PIL image or raises `DataError`
+naming it. Baselines never skip images: a score is needed for every candidate.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
-from geco.data.datasets import ItemDataset, PairDataset
-from geco.data.splits import Split
-from geco.errors import ConfigError, GecoError
-from geco.train.loop import config_drift
-from geco.train.runtime import Runtime, load_checkpoint, save_checkpoint
-
-if TYPE_CHECKING:
-    from geco.config import Config
+from geco.data.datasets import ItemDataset
+from geco.data.images import ImageSource
+from geco.errors import ConfigError
 
 log = logging.getLogger("geco")
 
 Transform = Callable[[Image.Image], Tensor]
 
 
-class ImageSource(Protocol):
-    def load(self, item_id: str, *, context: str = "") -> Image.Image: ...
+class RowDataset(Dataset):
+    """Row numbers 0..n-1 as {"row": i}: batches of training rows for a model that trains
+    on precomputed features (BPR-DAE), shuffled by geco.data.datasets.batch_loader."""
 
+    def __init__(self, n: int) -> None:
+        self.n = n
 
-@dataclass
-class BaselineContext:
-    """What a baseline gets from `geco compare`: the comparison's config (its own section is
-    `cfg.baselines.<name>`), the dataset's images and training split, its own output folder
-    (checkpoints, sample grids), the runtime (device), and `data_key`: what identifies the
-    training data, saved into its checkpoint config so a checkpoint is never reused on other
-    data."""
+    def __len__(self) -> int:
+        return self.n
 
-    cfg: Config
-    images: ImageSource
-    train: Split
-    out_dir: Path
-    rt: Runtime
-    data_key: dict[str, Any] = field(default_factory=dict)
-    # Called with the checkpoint path after every save (the Ray job uploads the folder).
-    on_checkpoint: Callable[[Path], None] | None = None
+    def __getitem__(self, index: int) -> dict[str, int]:
+        return {"row": index}
 
 
 @torch.no_grad()
@@ -153,55 +138,8 @@ def rolled_negatives(bottoms: Tensor, k: int) -> Tensor:
     return torch.stack([bottoms.roll(j, dims=0) for j in range(1, k + 1)], dim=1)
 
 
-def pair_loader(train: Split, images: ImageSource, transform: Transform, *, batch_size: int,
-                seed: int, epoch: int, num_workers: int = 0) -> DataLoader:
-    """Training pairs {"top", "bottom"} shuffled by (seed, epoch), full batches only (rolled
-    negatives need equal batches; at most batch_size - 1 pairs sit out an epoch)."""
-    if len(train) < batch_size:
-        raise ConfigError(f"{train.source}: {len(train)} training pairs, fewer than one batch "
-                          f"of {batch_size}; lower the baseline's batch_size")
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return DataLoader(PairDataset(train, images, transform), batch_size=batch_size, shuffle=True,
-                      generator=g, drop_last=True, num_workers=num_workers,
-                      persistent_workers=False)
-
-
-_RESUMABLE = ("baseline.epochs:", "baseline.max_steps_per_epoch:")
-
-
-class EpochCheckpoint:
-    """`<dir>/last.pt`: a baseline's state after its latest finished epoch, with its config
-    ({"baseline": its own config section as a dict, "data": `BaselineContext.data_key`}) and
-    per-epoch history.
-
-    `resume()` returns the saved payload when its config matches (training continues after its
-    epoch, or is skipped when complete), None when there is none, and raises naming the keys
-    when the config differs: retraining silently over a different model is lost work.
-    """
-
-    def __init__(self, out_dir: Path, model: str, config: dict[str, Any],
-                 on_save: Callable[[Path], None] | None = None) -> None:
-        self.path = Path(out_dir) / "last.pt"
-        self.model, self.config, self.on_save = model, config, on_save
-
-    def resume(self) -> dict[str, Any] | None:
-        if not self.path.is_file():
-            return None
-        ckpt = load_checkpoint(self.path)
-        if ckpt.get("model") != self.model:
-            raise GecoError(f"{self.path} holds a {ckpt.get('model')!r} model, not {self.model!r}")
-        # More epochs continue a finished run; other changes mean another model.
-        drift = [d for d in config_drift(ckpt.get("config", {}), self.config)
-                 if not d.startswith(_RESUMABLE)]
-        if drift:
-            raise ConfigError(f"{self.path} was trained with a different config ("
-                              + "; ".join(drift[:5]) + "): delete the folder to retrain, or "
-                              "use another run dir")
-        return ckpt
-
-    def save(self, epoch: int, state: dict[str, Any], history: list[dict[str, Any]]) -> None:
-        save_checkpoint(self.path, {"model": self.model, "epoch": epoch, "state": state,
-                                    "config": self.config, "history": history})
-        if self.on_save is not None:
-            self.on_save(self.path)
-
+def check_full_batch(n_rows: int, batch_size: int, key: str, source: str) -> None:
+    """Rolled negatives need full batches: refuse a training split smaller than one."""
+    if n_rows < batch_size:
+        raise ConfigError(f"{source}: {n_rows} training pairs, fewer than one batch of "
+                          f"{batch_size}; lower {key}")

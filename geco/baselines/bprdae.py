@@ -1,7 +1,7 @@
-"""BPR-DAE, visual only (REFERENCE §5.2): frozen CNN features + two tied autoencoders.
+"""BPR-DAE, visual only (docs/model.md §5.2): frozen CNN features + two tied autoencoders.
 
-Model. A frozen extractor (`geco.baselines.features.frozen_extractor`: AlexNet fc7, 4096-d,
-as the reference, or GECo's ResNet-18, 512-d) gives x for every image. Tops and bottoms each
+Model. A frozen extractor (`frozen_extractor`: AlexNet fc7, 4096-d, as the reference, or
+GECo's ResNet-18, 512-d; geco.models.backbone) gives x for every image. Tops and bottoms each
 have a tied autoencoder (the bottom one is shared by positives and negatives):
     h = hardsigmoid(x W + b),  x̂ = hardsigmoid(h Wᵀ + b′),   W ∈ R^{in×h},
 W ~ U(±4·sqrt(6/(h+in))) (the sigmoid Glorot rule), biases 0. Score m(t, b) = ⟨h_t, h_b⟩.
@@ -11,52 +11,98 @@ Loss (minimised), over triplets (top, positive, negative):
     + λ·(mean W1² + mean W2² + mean b1² + mean b2² + mean b1′² + mean b2′²)
     − mean hardsigmoid(m_tp − m_tn)          (bpr_term="hardsigmoid", the reference)
     or + mean −logsigmoid(m_tp − m_tn)       (bpr_term="logsigmoid", the original BPR)
-Deviations of the reference from the original BPR-DAE (REFERENCE §7 item 11) are kept by
+Deviations of the reference from the original BPR-DAE (docs/model.md §7) are kept by
 default: hardsigmoid activations and the hardsigmoid "BPR" term.
 
 Training, as the reference: SGD(lr, momentum), `epochs` epochs over the training pairs in
 batches of `batch_size` tops, each top meeting `n_negatives` in-batch negatives (the
 positives of rows i-1..i-K, `base.rolled_negatives`), the incomplete last batch dropped; the
 last epoch is the model (no selection). Unlike the reference, the frozen features are
-computed once per unique training image before training (the extractor gets no gradient),
-and the AEs train on those feature tensors; evaluation embeds images through the same
-transform and extractor. Rolled negatives are the batch's own positives, so their encodings
+computed once per unique training image before the first step (the extractor gets no
+gradient), and the AEs train on those feature tensors, as a stage of geco.train.loop over
+batches of training rows; evaluation embeds images through the same transform and extractor. Rolled negatives are the batch's own positives, so their encodings
 and reconstructions are rolled positive ones rather than recomputed (the same loss value,
 3x less AE work per step).
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from dataclasses import asdict
+import typing
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geco.baselines.base import (
-    BaselineContext,
     EmbeddingScorer,
-    EpochCheckpoint,
+    RowDataset,
     Transform,
+    check_full_batch,
     encode_ids,
     rolled_negatives,
 )
-from geco.baselines.features import frozen_extractor
-from geco.data.splits import Split
+from geco.data.datasets import batch_loader
+from geco.data.images import ImageSource
 from geco.data.transforms import imagenet_transform
-from geco.errors import ConfigError, GecoError
-from geco.train.loop import Progress
+from geco.errors import ConfigError, WeightsError
+from geco.models.backbone import (
+    ALEXNET_IMAGENET_FILE,
+    AlexNetFC7,
+    alexnet_fc7,
+    imagenet_weights_path,
+    resnet18_features,
+)
+from geco.settings import at_least, finite_nonnegative, learning_rate, resumable
+from geco.train.runtime import Runtime
+
+if TYPE_CHECKING:
+    from geco.config import Config
+    from geco.data.source import FolderData, ShardData
 
 log = logging.getLogger("geco")
 
-__all__ = ["BPRDAEScorer", "TiedAutoencoder", "bprdae_loss", "init_bound"]
+BPRTerm = Literal["hardsigmoid", "logsigmoid"]
+BPR_TERMS: tuple[str, ...] = typing.get_args(BPRTerm)
 
-BPR_TERMS = ("hardsigmoid", "logsigmoid")
+
+@dataclass
+class BPRDAEConfig:
+    """BPR-DAE, visual only (section baselines.bpr_dae)."""
+
+    # Frozen feature extractor: "alexnet" (AlexNet fc7, 4096-d, the paper; weights from
+    # alexnet_weights), "backbone" (GECo's ResNet-18, 512-d, under geco.backbone's weights
+    # policy), or "auto": alexnet when its ImageNet file is in the torch cache, else backbone.
+    features: Literal["auto", "alexnet", "backbone"] = "auto"
+    alexnet_weights: str = "imagenet"  # imagenet (torch hub cache only) | local path | s3://
+    image_size: int = 224
+    hidden: int = 512
+    mu: float = 0.01  # reconstruction weight
+    lam: float = 0.01  # L2 weight on the AE parameters
+    # hardsigmoid (the reference: -mean hardsigmoid(m_tp - m_tn)) | logsigmoid (original BPR)
+    bpr_term: BPRTerm = "hardsigmoid"
+    lr: float = 0.01
+    momentum: float = 0.9
+    epochs: int = resumable(30)
+    batch_size: int = 128  # tops per step; each meets n_negatives rolled in-batch bottoms
+    n_negatives: int = 3
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        at_least(f"{key}.image_size", self.image_size, 16)
+        for name in ("hidden", "epochs", "n_negatives"):
+            at_least(f"{key}.{name}", getattr(self, name), 1)
+        at_least(f"{key}.batch_size", self.batch_size, self.n_negatives + 1,
+                 "rolled negatives need n_negatives + 1 tops per batch")
+        for name in ("mu", "lam", "momentum"):
+            finite_nonnegative(f"{key}.{name}", getattr(self, name))
+        learning_rate(f"{key}.lr", self.lr)
 
 
 def init_bound(in_dim: int, hidden: int) -> float:
@@ -145,159 +191,216 @@ def bprdae_loss(top_ae: TiedAutoencoder, bottom_ae: TiedAutoencoder, x_t: Tensor
             "auc": (diff > 0).float().mean().detach(), "active": active}
 
 
-class BPRDAEScorer(EmbeddingScorer):
-    """BPR-DAE as a `geco.baselines.Scorer`: embeddings are the AEs' hidden codes of the
-    frozen features (tops through the top AE, bottoms through the bottom AE), score = dot.
+# --------------------------------------------------------------------------- features
 
-    `fit(train)` trains (or resumes from / reuses `<out_dir>/last.pt`), then exposes
-    `checkpoint` (Path of last.pt), `history` (one dict per epoch: epoch, loss, bpr, rec,
-    reg, train_auc, active, samples_per_s (tops/s), seconds) and `info` (features
-    description, feature_dim, hidden, epochs trained, train seconds, feature extraction
-    seconds and images/s when features were extracted, resumed_after_epoch)."""
+
+def alexnet_available(weights: str) -> bool:
+    """Whether `features: auto` would use AlexNet with these `alexnet_weights`: the ImageNet
+    file is in the torch hub cache, or an explicit path / s3 URI is given (an explicit file
+    that turns out to be missing is an error then, not a silent fallback)."""
+    if weights == "imagenet":
+        return imagenet_weights_path(ALEXNET_IMAGENET_FILE).is_file()
+    return bool(weights)
+
+
+def _freeze(module: nn.Module) -> nn.Module:
+    module.eval()
+    for p in module.parameters():
+        p.requires_grad_(False)
+    return module
+
+
+def frozen_extractor(cfg: Config) -> tuple[nn.Module, int, str]:
+    """(extractor, out_dim, description) for `cfg.baselines.bpr_dae.features`, and the choice
+    resolved in `cfg`: "auto" becomes "alexnet" when its weights are available, else
+    "backbone"; a backbone whose ImageNet weights are missing (allowed to start at random)
+    is recorded as geco.backbone.weights=random. Pass a copy of the run's config: it is what
+    the checkpoints record.
+
+    The extractor is in eval mode with every parameter's requires_grad False; it maps
+    ImageNet-normalised B×3×S×S images to B×out_dim features. The description names the
+    network and its weights (and why "auto" chose it)."""
+    b = cfg.baselines.bpr_dae
+    choice, why = b.features, ""
+    if choice == "auto":
+        if alexnet_available(b.alexnet_weights):
+            choice, why = "alexnet", "auto: AlexNet weights available"
+        else:
+            choice = "backbone"
+            why = (f"auto fallback: AlexNet ImageNet weights {ALEXNET_IMAGENET_FILE} not in the "
+                   "torch hub cache")
+            log.info("bpr-dae: AlexNet ImageNet weights not found at %s; using GECo's "
+                     "ResNet-18 backbone as the frozen feature extractor",
+                     imagenet_weights_path(ALEXNET_IMAGENET_FILE))
+    b.features = choice
+    # A frozen extractor is not saved with the model: a randomly initialised one must be the
+    # same network every time (training, resuming, evaluating), so it is drawn from its own
+    # CPU generator seeded by baselines.bpr_dae.seed, leaving the global RNG state as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(b.seed))
+        if choice == "alexnet":
+            model, label = alexnet_fc7(b.alexnet_weights)
+            module: nn.Module = model
+            out_dim, name = AlexNetFC7.out_dim, "alexnet fc7"
+        else:
+            bb = cfg.geco.backbone
+            try:
+                module = resnet18_features(bb.weights, allow_random_init=bb.allow_random_init)
+            except WeightsError as e:
+                if not why:
+                    raise
+                raise WeightsError(
+                    f"bpr-dae features=auto: no AlexNet ImageNet weights at "
+                    f"{imagenet_weights_path(ALEXNET_IMAGENET_FILE)}, and the fallback (GECo's "
+                    f"backbone) has none either: {e}") from e
+            out_dim, name = 512, "resnet18 backbone"
+            if bb.weights == "imagenet" and not imagenet_weights_path().is_file():
+                bb.weights = "random"  # what it really is (allow_random_init let it start)
+                label = f"imagenet requested, not in the torch cache: random init, seed {b.seed}"
+            elif bb.weights == "random":
+                label = f"random init, seed {b.seed}"
+            else:
+                label = bb.weights
+    description = f"{name} ({out_dim}-d, weights {label})" + (f"; {why}" if why else "")
+    log.info("bpr-dae: frozen features: %s", description)
+    return _freeze(module), out_dim, description
+
+
+# --------------------------------------------------------------------------- training stage
+
+
+class BPRDAEStage:
+    """BPR-DAE as a stage of geco.train.loop: batches of training rows, the frozen features
+    of every training image computed before the first step; `scorer(images)` scores pairs
+    with the trained autoencoders."""
 
     name = "bpr-dae"
+    rng_seed = None  # nothing random in a step (no dropout; rows are shuffled by seed)
 
-    def __init__(self, ctx: BaselineContext) -> None:
-        cfg = ctx.cfg
-        super().__init__(ctx.images, device=ctx.rt.device, batch_size=cfg.eval.batch_size,
-                         num_workers=cfg.data.num_workers)
-        self.ctx, self.cfg = ctx, cfg.baselines.bpr_dae
-        extractor, self.feature_dim, self.description = frozen_extractor(cfg)
+    def __init__(self, cfg: Config, rt: Runtime, data: FolderData | ShardData) -> None:
+        # A copy: its features choice is resolved, and that is what its checkpoints record.
+        self.cfg, self.rt = copy.deepcopy(cfg), rt
+        c = self.section = self.cfg.baselines.bpr_dae
+        self.device = rt.device
+        extractor, self.feature_dim, self.description = frozen_extractor(self.cfg)
+        self.depends_on = ("data", "baselines.bpr_dae") + (
+            ("geco.backbone",) if c.features == "backbone" else ())
         extractor = extractor.to(self.device)
-        if ctx.rt.channels_last:
+        if rt.channels_last:
             extractor = extractor.to(memory_format=torch.channels_last)
         self.extractor = extractor
-        g = torch.Generator().manual_seed(int(self.cfg.seed))
-        self.top_ae = TiedAutoencoder(self.feature_dim, self.cfg.hidden, generator=g)
-        self.bottom_ae = TiedAutoencoder(self.feature_dim, self.cfg.hidden, generator=g)
-        self.top_ae.to(self.device).eval()
-        self.bottom_ae.to(self.device).eval()
-        self._transform = imagenet_transform(self.cfg.image_size)
-        self.ckpt = EpochCheckpoint(ctx.out_dir, self.name, {
-            "baseline": asdict(self.cfg), "data": ctx.data_key, "features": self.description},
-            on_save=ctx.on_checkpoint)
-        self.checkpoint: Path | None = None
-        self.history: list[dict[str, Any]] = []
-        self.info: dict[str, Any] = {}
+        g = torch.Generator().manual_seed(int(c.seed))
+        self.top_ae = TiedAutoencoder(self.feature_dim, c.hidden, generator=g).to(self.device)
+        self.bottom_ae = TiedAutoencoder(self.feature_dim, c.hidden, generator=g).to(self.device)
+        self.transform = imagenet_transform(c.image_size)
+        self.epochs, self.max_steps_per_epoch = c.epochs, 0
 
-    # ---- EmbeddingScorer API
-    def top_transform(self) -> Transform:
-        return self._transform
+        splits, self.images = data.splits(("train",))
+        self.train_split = train = splits["train"]
+        check_full_batch(len(train), c.batch_size, "baselines.bpr_dae.batch_size", train.source)
+        self.loader = batch_loader(RowDataset(len(train)), batch_size=c.batch_size,
+                                   seed=c.seed, drop_last=True)
+        self.opt = torch.optim.SGD([*self.top_ae.parameters(), *self.bottom_ae.parameters()],
+                                   lr=c.lr, momentum=c.momentum)
+        self.info_: dict[str, Any] = {"features": self.description,
+                                      "feature_dim": self.feature_dim, "hidden": c.hidden}
+        self._feats: Tensor | None = None  # [unique training ids, feature_dim]
+        self._active: list[float] = []
 
     @torch.no_grad()
     def features(self, x: Tensor) -> Tensor:
         """Frozen features [B, feature_dim] (fp32) of a batch of transformed images."""
-        with self.ctx.rt.autocast():
-            return self.extractor(self.ctx.rt.to_device(x)).float()
+        with self.rt.autocast():
+            return self.extractor(self.rt.to_device(x)).float()
+
+    def extract(self, ids: list[str]) -> Tensor:
+        """Frozen features of `ids` ([len(ids), feature_dim] on the device), logged with the
+        images/s of the extraction."""
+        t0 = time.perf_counter()
+        feats = encode_ids(ids, self.images, self.transform, self.features,
+                           device=self.device, batch_size=self.cfg.eval.batch_size,
+                           num_workers=self.cfg.data.num_workers, context="bpr-dae features")
+        seconds = time.perf_counter() - t0
+        self.info_["feature_seconds"] = seconds
+        self.info_["feature_images_per_s"] = len(ids) / max(seconds, 1e-9)
+        log.info("[bpr-dae] frozen features of %d images in %.1fs (%.1f images/s)",
+                 len(ids), seconds, len(ids) / max(seconds, 1e-9))
+        return feats.to(self.device)
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        c, train = self.section, self.train_split
+        if self._feats is None:  # once, on the first step trained (not when loading a model)
+            ids = list(dict.fromkeys([*train.tops, *train.bottoms]))
+            row = {i: n for n, i in enumerate(ids)}
+            self._feats = self.extract(ids)
+            self._top_rows = torch.tensor([row[i] for i in train.tops], device=self.device)
+            self._bot_rows = torch.tensor([row[i] for i in train.bottoms], device=self.device)
+        self.top_ae.train()
+        self.bottom_ae.train()
+        rows = batch["row"].to(self.device)
+        parts = bprdae_loss(self.top_ae, self.bottom_ae, self._feats[self._top_rows[rows]],
+                            self._feats[self._bot_rows[rows]], c.n_negatives, mu=c.mu,
+                            lam=c.lam, bpr_term=c.bpr_term)
+        self.opt.zero_grad(set_to_none=True)
+        parts["loss"].backward()
+        self.opt.step()
+        out = {key: float(v.detach()) for key, v in parts.items()}
+        self._active.append(out["active"])
+        return out
+
+    def end_epoch(self, epoch: int, out_dir: Path) -> dict[str, float]:
+        active = sum(self._active) / max(len(self._active), 1)
+        self._active = []
+        if active < 0.01:
+            log.warning("[bpr-dae] epoch %d: %.1f%% of the hidden units are outside "
+                        "hardsigmoid's linear range, so almost no gradient flows; "
+                        "lower baselines.bpr_dae.lr", epoch + 1, 100 * (1 - active))
+        return {}
+
+    def selection(self) -> None:
+        return None  # the model after the last epoch, as the reference
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"top_ae": self.top_ae.state_dict(), "bottom_ae": self.bottom_ae.state_dict(),
+                "optimizer": self.opt.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.top_ae.load_state_dict(state["top_ae"])
+        self.bottom_ae.load_state_dict(state["bottom_ae"])
+        self.opt.load_state_dict(state["optimizer"])
+
+    def info(self) -> dict[str, Any]:
+        return dict(self.info_)
+
+    def scorer(self, images: ImageSource) -> BPRDAEScorer:
+        self._feats = None  # training is over: the feature table is not needed any more
+        self.top_ae.eval()
+        self.bottom_ae.eval()
+        return BPRDAEScorer(self, images)
+
+
+class BPRDAEScorer(EmbeddingScorer):
+    """BPR-DAE as a `geco.baselines.Scorer`: embeddings are the AEs' hidden codes of the
+    frozen features (tops through the top AE, bottoms through the bottom AE), score = dot."""
+
+    name = "bpr-dae"
+
+    def __init__(self, stage: BPRDAEStage, images: ImageSource) -> None:
+        super().__init__(images, device=stage.device, batch_size=stage.cfg.eval.batch_size,
+                         num_workers=stage.cfg.data.num_workers)
+        self.stage = stage
+
+    def top_transform(self) -> Transform:
+        return self.stage.transform
 
     def embed_tops(self, x: Tensor) -> Tensor:
-        return self.top_ae.encode(self.features(x))
+        return self.stage.top_ae.encode(self.stage.features(x))
 
     def embed_bottoms(self, x: Tensor) -> Tensor:
-        return self.bottom_ae.encode(self.features(x))
+        return self.stage.bottom_ae.encode(self.stage.features(x))
 
     def match(self, t: Tensor, b: Tensor) -> Tensor:
         return torch.einsum("rd,rkd->rk", t, b)
 
     def match_pool(self, t: Tensor, b: Tensor) -> Tensor:
         return t @ b.t()
-
-    # ---- training
-    def _state(self, opt: torch.optim.Optimizer) -> dict[str, Any]:
-        return {"top_ae": self.top_ae.state_dict(), "bottom_ae": self.bottom_ae.state_dict(),
-                "optimizer": opt.state_dict()}
-
-    def extract(self, ids: list[str]) -> Tensor:
-        """Frozen features of `ids` ([len(ids), feature_dim] on the device), logged with the
-        images/s of the extraction."""
-        t0 = time.perf_counter()
-        feats = encode_ids(ids, self.images, self._transform, self.features,
-                           device=self.device, batch_size=self.batch_size,
-                           num_workers=self.num_workers, context="bpr-dae features")
-        seconds = time.perf_counter() - t0
-        self.info["feature_seconds"] = seconds
-        self.info["feature_images_per_s"] = len(ids) / max(seconds, 1e-9)
-        log.info("[bpr-dae] frozen features of %d images in %.1fs (%.1f images/s)",
-                 len(ids), seconds, len(ids) / max(seconds, 1e-9))
-        return feats.to(self.device)
-
-    def fit(self, train: Split) -> None:
-        c, rt = self.cfg, self.ctx.rt
-        bs, k = c.batch_size, c.n_negatives
-        if len(train) < bs:
-            raise ConfigError(f"{train.source}: {len(train)} training pairs, fewer than one "
-                              f"batch of {bs}; lower baselines.bpr_dae.batch_size")
-        params = [*self.top_ae.parameters(), *self.bottom_ae.parameters()]
-        opt = torch.optim.SGD(params, lr=c.lr, momentum=c.momentum)
-        self.info = {"features": self.description, "feature_dim": self.feature_dim,
-                     "hidden": c.hidden, "resumed_after_epoch": None}
-        self.history, start = [], 0
-        saved = self.ckpt.resume()
-        if saved is not None:
-            self.top_ae.load_state_dict(saved["state"]["top_ae"])
-            self.bottom_ae.load_state_dict(saved["state"]["bottom_ae"])
-            opt.load_state_dict(saved["state"]["optimizer"])
-            self.history = list(saved["history"])
-            start = int(saved["epoch"]) + 1
-            self.info["resumed_after_epoch"] = start
-            if start >= c.epochs:
-                if start > c.epochs:
-                    log.warning("[bpr-dae] %s holds %d epochs, more than epochs=%d: using it "
-                                "as is", self.ckpt.path, start, c.epochs)
-                log.info("[bpr-dae] %s is complete (%d epochs): not training",
-                         self.ckpt.path, start)
-            else:
-                log.info("[bpr-dae] resuming from %s after epoch %d", self.ckpt.path, start)
-
-        if start < c.epochs:
-            ids = list(dict.fromkeys([*train.tops, *train.bottoms]))
-            row = {i: n for n, i in enumerate(ids)}
-            feats = self.extract(ids)
-            top_rows = torch.tensor([row[i] for i in train.tops], device=self.device)
-            bot_rows = torch.tensor([row[i] for i in train.bottoms], device=self.device)
-            n, steps = len(train), len(train) // bs
-            self.top_ae.train()
-            self.bottom_ae.train()
-            for epoch in range(start, c.epochs):
-                t0 = time.perf_counter()
-                g = torch.Generator().manual_seed(int(c.seed) * 1_000_003 + epoch)
-                order = torch.randperm(n, generator=g).to(self.device)
-                prog = Progress(self.name, epoch, c.epochs, steps, rt,
-                                self.ctx.cfg.runtime.log_every)
-                for step in range(1, steps + 1):
-                    rows = order[(step - 1) * bs: step * bs]
-                    parts = bprdae_loss(self.top_ae, self.bottom_ae, feats[top_rows[rows]],
-                                        feats[bot_rows[rows]], k, mu=c.mu, lam=c.lam,
-                                        bpr_term=c.bpr_term)
-                    opt.zero_grad(set_to_none=True)
-                    parts["loss"].backward()
-                    opt.step()
-                    prog.update(step, bs, 0.0, {key: float(v.detach())
-                                                for key, v in parts.items()})
-                means = prog.means()
-                if not math.isfinite(means["loss"]):
-                    raise GecoError(f"[bpr-dae] loss is {means['loss']} in epoch {epoch + 1}: "
-                                    "lower baselines.bpr_dae.lr")
-                record = {"epoch": epoch + 1, "loss": means["loss"], "bpr": means["bpr"],
-                          "rec": means["rec"], "reg": means["reg"],
-                          "train_auc": means["auc"], "active": means["active"],
-                          "samples_per_s": prog.rate(), "seconds": time.perf_counter() - t0}
-                self.history.append(record)
-                self.ckpt.save(epoch, self._state(opt), self.history)
-                log.info("[bpr-dae] epoch %d/%d done: loss=%.4f bpr=%.4f rec=%.4f reg=%.4f "
-                         "train_auc=%.4f active=%.3f | %.1f samples/s | %.1fs", epoch + 1,
-                         c.epochs, record["loss"], record["bpr"], record["rec"], record["reg"],
-                         record["train_auc"], record["active"], record["samples_per_s"],
-                         record["seconds"])
-                if record["active"] < 0.01:
-                    log.warning("[bpr-dae] epoch %d: %.1f%% of the hidden units are outside "
-                                "hardsigmoid's linear range, so almost no gradient flows; "
-                                "lower baselines.bpr_dae.lr", epoch + 1,
-                                100 * (1 - record["active"]))
-            del feats
-        self.top_ae.eval()
-        self.bottom_ae.eval()
-        self.checkpoint = self.ckpt.path
-        self.info["epochs"] = len(self.history)
-        self.info["train_seconds"] = sum(h["seconds"] for h in self.history)
-        self.reset()

@@ -1,7 +1,7 @@
-"""MGCM (REFERENCE §5.3) and Pix2PixCM (§5.4): a template generator trained by GAN + L1, and
-a compatibility model (pants encoder E + BPRNet) trained by BPR on top of the generator's
-frozen features. The two share everything but the generator and discriminator
-(`geco.models.gancm`), so one trainer serves both.
+"""MGCM and Pix2PixCM (docs/model.md §5): a template generator trained by GAN + L1, and a
+compatibility model (pants encoder E + BPRNet) trained by BPR on top of the generator's frozen
+features. The two share everything but the generator and discriminator (`geco.models.gancm`),
+so one config, one stage of geco.train.loop and one scorer serve both.
 
 Score of a (top t, bottom b) pair, used in training (BPR) and in the scorer:
 
@@ -9,13 +9,14 @@ Score of a (top t, bottom b) pair, used in training (BPR) and in the scorer:
 
 s_t = BPRNet.top(generator top embedding of t: MGCM `enc`, Pix2PixCM `e5`), s_b =
 BPRNet.bottom(E(b)), d1(t) the generator's template embedding. sign = +1 with
-`faithful=True` (the reference, §7 item 10: a farther template scores higher), −1 otherwise.
+`faithful=True` (the reference, docs/model.md §7: a farther template scores higher), −1
+otherwise.
 
 Per training iteration (B tops, each with `n_negatives` rolled in-batch negatives):
 
 1. D step on Ĝ = G(t) (generator in train mode):
    default: ν·½·(MSE(D(t, Ĝ.detach()), 0) + MSE(D(t, b), 1));
-   faithful (§7 item 9, the reference's misplaced parenthesis):
+   faithful (docs/model.md §7, the reference's misplaced parenthesis):
    ν·½·MSE(D(t, Ĝ).detach(), 0 + ½·MSE(D(t, b), 1)) — no gradient through the fake
    prediction; D is only asked to make ½·MSE(D(real), 1) match its fake predictions.
 2. G step, a new forward Ĝ = G(t): μ·½·MSE(D(t, Ĝ), 1) + λ_L1·mean|Ĝ − b|.
@@ -25,55 +26,86 @@ Per training iteration (B tops, each with `n_negatives` rolled in-batch negative
    the generator goes back to train mode.
 
 Three Adams (D; G; E + BPRNet), coupled weight decay, as the reference. The model is the one
-after the last epoch (the reference evaluates its epoch-58 checkpoint of 60, §7 item 19).
-Every epoch runs under its own RNG stream seeded from (seed, epoch), so a resumed run
-trains exactly like an uninterrupted one on CPU.
+after the last epoch (the reference evaluates its epoch-58 checkpoint of 60). Batches are
+full (an incomplete last one sits out), shuffled by (seed, epoch), and every epoch runs under
+its own RNG stream seeded from (seed, epoch), so a resumed run trains exactly like an
+uninterrupted one on CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import time
-from dataclasses import asdict
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from geco.baselines.base import (
-    BaselineContext,
-    EmbeddingScorer,
-    EpochCheckpoint,
-    Transform,
-    pair_loader,
-    rolled_negatives,
-)
-from geco.config import GanCMConfig
-from geco.data.splits import Split
-from geco.data.transforms import denormalize_gan, gan_transform
+from geco.baselines.base import EmbeddingScorer, Transform, check_full_batch, rolled_negatives
+from geco.data.datasets import PairDataset, batch_loader
+from geco.data.images import ImageSource
+from geco.data.transforms import denormalize_gan, gan_transform, save_rows
 from geco.models.gancm import build_gancm, compat_score
-from geco.train.loop import Progress
+from geco.settings import (
+    adam_betas,
+    at_least,
+    finite_nonnegative,
+    learning_rate,
+    require,
+    resumable,
+)
 from geco.train.runtime import Runtime
-from geco.train.samples import save_rows
 
-__all__ = [
-    "GanCMModel",
-    "GanCMScorer",
-    "MGCMScorer",
-    "Pix2PixCMScorer",
-    "bpr_loss",
-    "discriminator_loss",
-    "generator_loss",
-    "save_gancm_grid",
-    "train_gancm",
-]
+if TYPE_CHECKING:
+    from geco.config import Config
+    from geco.data.source import FolderData, ShardData
 
 log = logging.getLogger("geco")
 
 N_GRID = 8  # training pairs in the per-epoch template grid
+
+
+@dataclass
+class GanCMConfig:
+    """MGCM and Pix2PixCM (sections baselines.mgcm, baselines.pix2pixcm), at 64 px."""
+
+    image_size: int = 64  # the networks are defined for 64 px (docs/model.md §5)
+    features: int = 64  # first conv width; filters f,2f,4f,8f,8f,8f (the reference: 64)
+    emb_dim: int = 128
+    alpha: float = 1.0  # weight of the dot-product term of the score
+    beta: float = 0.01  # weight of the template term of the score
+    mu: float = 0.1  # generator adversarial weight
+    nu: float = 0.01  # discriminator loss weight
+    lambda_l1: float = 10000.0
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    weight_decay: float = 0.01  # coupled L2 in Adam, as the reference
+    epochs: int = resumable(60)
+    batch_size: int = 420
+    n_negatives: int = 3  # rolled in-batch negatives per top
+    # True reproduces the reference's discriminator loss (its misplaced parenthesis) and
+    # template term +beta·L1 (a larger distance scores higher; docs/model.md §7). False (the
+    # default) trains D on real -> 1, fake -> 0 and scores -beta·L1 (closer = better).
+    faithful: bool = False
+    max_steps_per_epoch: int = resumable(0)  # 0 = full epoch; >0 caps steps (smoke runs)
+    seed: int = 0
+
+    def validate(self, key: str) -> None:
+        require(self.image_size == 64, f"{key}.image_size", self.image_size,
+                "the MGCM / Pix2PixCM networks are defined for 64 px inputs (docs/model.md §5)")
+        for name in ("features", "emb_dim", "epochs", "n_negatives"):
+            at_least(f"{key}.{name}", getattr(self, name), 1)
+        at_least(f"{key}.batch_size", self.batch_size, self.n_negatives + 1,
+                 "rolled negatives need n_negatives + 1 tops per batch")
+        for name in ("alpha", "beta", "mu", "nu", "lambda_l1", "weight_decay"):
+            finite_nonnegative(f"{key}.{name}", getattr(self, name))
+        learning_rate(f"{key}.lr", self.lr)
+        adam_betas(f"{key}.betas", self.betas)
+        require(self.alpha > 0 or self.beta > 0, f"{key}.alpha", self.alpha,
+                "alpha and beta are both 0: the score would be constant")
 
 
 # --------------------------------------------------------------------------- losses
@@ -270,92 +302,75 @@ def save_gancm_grid(model: GanCMModel, tops: Tensor, bottoms: Tensor, path: Path
                       denormalize_gan(bottoms.cpu())], path)
 
 
-# --------------------------------------------------------------------------- training loop
+# --------------------------------------------------------------------------- training stage
 
 
-def _epoch_rng_seed(seed: int, epoch: int) -> int:
-    return (seed * 1_000_003 + 7919 * (epoch + 1)) % (2**63 - 1)
+class GanCMStage:
+    """MGCM or Pix2PixCM as a stage of geco.train.loop, on the training split of the data;
+    `scorer(images)` scores pairs with the trained networks."""
+
+    kind = ""  # "mgcm" | "pix2pixcm": the model, its run-dir folder and config section
+
+    def __init__(self, cfg: Config, rt: Runtime, data: FolderData | ShardData) -> None:
+        self.cfg, self.rt, self.name = cfg, rt, self.kind
+        self.section: GanCMConfig = getattr(cfg.baselines, self.kind)
+        c = self.section
+        self.depends_on = ("data", f"baselines.{self.kind}")
+        self.epochs, self.max_steps_per_epoch, self.rng_seed = (c.epochs, c.max_steps_per_epoch,
+                                                                 c.seed)
+        splits, self.images = data.splits(("train",))
+        self.train_split = splits["train"]
+        check_full_batch(len(self.train_split), c.batch_size, f"baselines.{self.kind}.batch_size",
+                         self.train_split.source)
+        self.transform = gan_transform(c.image_size)
+        self.loader = batch_loader(PairDataset(self.train_split, self.images, self.transform),
+                                   batch_size=c.batch_size, seed=c.seed, drop_last=True,
+                                   num_workers=cfg.data.num_workers)
+        self.model = GanCMModel(self.kind, c, rt=rt)
+        self._grid: tuple[Tensor, Tensor] | None = None
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        self.model.train()
+        top, bottom = self.rt.to_device(batch["top"]), self.rt.to_device(batch["bottom"])
+        return {k: float(v) for k, v in self.model.train_step(top, bottom).items()}
+
+    def end_epoch(self, epoch: int, out_dir: Path) -> dict[str, float]:
+        if self._grid is None:  # the first training pairs, the same every epoch
+            s = self.train_split
+            rows = range(min(N_GRID, len(s)))
+            self._grid = tuple(torch.stack([self.transform(self.images.load(ids[i],
+                                                                            context=s.where(i)))
+                                            for i in rows]) for ids in (s.tops, s.bottoms))
+        self.model.eval()
+        save_gancm_grid(self.model, *self._grid, out_dir / "samples" / f"epoch_{epoch + 1:03d}.png")
+        return {}
+
+    def selection(self) -> None:
+        return None  # the model after the last epoch, as the reference
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state)
+
+    def info(self) -> dict[str, Any]:
+        return {"generator": type(self.model.generator).__name__,
+                "discriminator": type(self.model.discriminator).__name__,
+                "params": self.model.params(), "faithful": self.section.faithful}
+
+    def scorer(self, images: ImageSource) -> GanCMScorer:
+        self.model.eval()
+        return GanCMScorer(self.model, images, batch_size=self.cfg.eval.batch_size,
+                           num_workers=self.cfg.data.num_workers)
 
 
-def train_gancm(model: GanCMModel, ctx: BaselineContext, train: Split, *,
-                name: str) -> dict[str, Any]:
-    """Train (or resume) `model` on `train` for its section's epochs, checkpointing into
-    `ctx.out_dir/last.pt` and writing `ctx.out_dir/samples/epoch_NNN.png` after every epoch.
+class MGCMStage(GanCMStage):
+    kind = "mgcm"
 
-    History: one dict per epoch, {"epoch" (1-based), "d_loss", "g_adv", "g_l1", "bpr" (step
-    means of the unweighted terms, see `GanCMModel.gan_step`), "steps", "samples",
-    "samples_per_s", "seconds"}. Returns {"checkpoint", "history", "samples_dir",
-    "epochs_trained" (by this call), "train_seconds", "start_epoch" (0 = from scratch)}."""
-    c, rt = model.cfg, ctx.rt
-    out = Path(ctx.out_dir)
-    ckpt = EpochCheckpoint(out, name, {"baseline": asdict(c), "data": dict(ctx.data_key)},
-                           on_save=ctx.on_checkpoint)
-    samples_dir = out / "samples"
-    history: list[dict[str, Any]] = []
-    start = 0
-    saved = ckpt.resume()
-    if saved is not None:
-        model.load_state_dict(saved["state"])
-        history = list(saved.get("history", []))
-        start = int(saved["epoch"]) + 1
-        if start < c.epochs:
-            log.info("[%s] resuming from %s after epoch %d", name, ckpt.path, start)
-        else:
-            log.info("[%s] %s is complete (%d epochs): nothing to train", name, ckpt.path, start)
 
-    t0 = time.perf_counter()
-    trained = 0
-    if start < c.epochs:
-        transform = gan_transform(c.image_size)
-        n_grid = min(N_GRID, len(train))
-        grid_tops = torch.stack([transform(ctx.images.load(train.tops[i], context=train.where(i)))
-                                 for i in range(n_grid)])
-        grid_bottoms = torch.stack([transform(ctx.images.load(train.bottoms[i],
-                                                              context=train.where(i)))
-                                    for i in range(n_grid)])
-        cuda = [model.device] if model.device.type == "cuda" else []
-        num_workers = ctx.cfg.data.num_workers
-        for epoch in range(start, c.epochs):
-            loader = pair_loader(train, ctx.images, transform, batch_size=c.batch_size,
-                                 seed=c.seed, epoch=epoch, num_workers=num_workers)
-            steps = len(loader)
-            if c.max_steps_per_epoch:
-                steps = min(steps, c.max_steps_per_epoch)
-            prog = Progress(name, epoch, c.epochs, steps, rt, ctx.cfg.runtime.log_every)
-            t_epoch = time.perf_counter()
-            model.train()
-            with torch.random.fork_rng(devices=cuda):
-                torch.manual_seed(_epoch_rng_seed(c.seed, epoch))
-                t_data = time.perf_counter()
-                for step, batch in enumerate(loader, start=1):
-                    if step > steps:
-                        break
-                    data_time = time.perf_counter() - t_data
-                    top, bottom = rt.to_device(batch["top"]), rt.to_device(batch["bottom"])
-                    parts = model.train_step(top, bottom)
-                    prog.update(step, top.shape[0], data_time,
-                                {k: float(v) for k, v in parts.items()})
-                    t_data = time.perf_counter()
-            seconds = time.perf_counter() - t_epoch
-            means = prog.means()
-            record = {"epoch": epoch + 1, **{k: means.get(k, float("nan"))
-                                             for k in ("d_loss", "g_adv", "g_l1", "bpr")},
-                      "steps": prog.count, "samples": prog.samples,
-                      "samples_per_s": prog.samples / max(seconds, 1e-9), "seconds": seconds}
-            history.append(record)
-            model.eval()
-            save_gancm_grid(model, grid_tops, grid_bottoms,
-                            samples_dir / f"epoch_{epoch + 1:03d}.png")
-            ckpt.save(epoch, model.state_dict(), history)
-            trained += 1
-            log.info("[%s] epoch %d/%d done: d=%.4f g_adv=%.4f g_l1=%.4f bpr=%.4f | "
-                     "%.1f samples/s | %.1fs", name, epoch + 1, c.epochs, record["d_loss"],
-                     record["g_adv"], record["g_l1"], record["bpr"], record["samples_per_s"],
-                     seconds)
-    model.eval()
-    return {"checkpoint": ckpt.path, "history": history, "samples_dir": samples_dir,
-            "epochs_trained": trained, "train_seconds": time.perf_counter() - t0,
-            "start_epoch": start}
+class Pix2PixCMStage(GanCMStage):
+    kind = "pix2pixcm"
 
 
 # --------------------------------------------------------------------------- scorers
@@ -369,36 +384,15 @@ class GanCMScorer(EmbeddingScorer):
     `match_pool` split them back and compute the score of the module docstring (pool: a
     matrix product plus torch.cdist(p=1), in row chunks)."""
 
-    name = "gancm"
-    kind = ""
     pool_chunk = 1024  # query rows per cdist call in match_pool
 
-    def __init__(self, ctx: BaselineContext) -> None:
-        super().__init__(ctx.images, device=ctx.rt.device, batch_size=ctx.cfg.eval.batch_size,
-                         num_workers=ctx.cfg.data.num_workers)
-        self.ctx = ctx
-        self.section: GanCMConfig = getattr(ctx.cfg.baselines, self.name)
-        self.model = GanCMModel(self.kind, self.section, rt=ctx.rt)
-        self.model.eval()
+    def __init__(self, model: GanCMModel, images: ImageSource, *, batch_size: int = 128,
+                 num_workers: int = 0) -> None:
+        super().__init__(images, device=model.device, batch_size=batch_size,
+                         num_workers=num_workers)
+        self.name = model.kind
+        self.model, self.section = model, model.cfg
         self.emb_dim = self.section.emb_dim
-        self.checkpoint: Path | None = None
-        self.history: list[dict[str, Any]] = []
-        self.samples_dir: Path | None = None
-        self.info: dict[str, Any] = {}
-
-    def fit(self, train: Split) -> None:
-        result = train_gancm(self.model, self.ctx, train, name=self.name)
-        self.checkpoint, self.history = result["checkpoint"], result["history"]
-        self.samples_dir = result["samples_dir"]
-        self.info = {"generator": type(self.model.generator).__name__,
-                     "discriminator": type(self.model.discriminator).__name__,
-                     "params": self.model.params(),
-                     "epochs": len(self.history),
-                     "epochs_trained": result["epochs_trained"],
-                     "resumed_after_epoch": result["start_epoch"],
-                     "train_seconds": result["train_seconds"],
-                     "faithful": self.section.faithful}
-        self.reset()
 
     # ---- EmbeddingScorer API
     def top_transform(self) -> Transform:
@@ -432,17 +426,3 @@ class GanCMScorer(EmbeddingScorer):
             dist = torch.cdist(tt[:, e:].contiguous(), b_d, p=1)
             out.append(c.alpha * (tt[:, :e] @ b_s.T) + sign * c.beta * dist)
         return torch.cat(out) if out else t.new_zeros(0, b.shape[0])
-
-
-class MGCMScorer(GanCMScorer):
-    """MGCM (REFERENCE §5.3), config section `cfg.baselines.mgcm`."""
-
-    name = "mgcm"
-    kind = "mgcm"
-
-
-class Pix2PixCMScorer(GanCMScorer):
-    """Pix2PixCM (REFERENCE §5.4), config section `cfg.baselines.pix2pixcm`."""
-
-    name = "pix2pixcm"
-    kind = "pix2pixcm"

@@ -1,5 +1,10 @@
-"""torch Datasets over splits. A bad image either raises DataError or, in "skip" mode, makes
-`__getitem__` return None, which `collate_skip` drops and counts (never silently)."""
+"""torch Datasets over splits and the loader every map-style dataset is batched with.
+
+A bad image either raises DataError or, in "skip" mode, makes `__getitem__` return None, which
+`collate_skip` drops and counts (never silently). `batch_loader` batches a dataset with
+`EpochBatchSampler` (every sample once per epoch, equal steps on every DDP rank) and returns a
+`Loader`, the object a training stage iterates whatever the data source (a shard stream
+comes back as a `Loader` too, from geco.data.source)."""
 
 from __future__ import annotations
 
@@ -10,25 +15,24 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
-from geco.data.images import ImageFolder
+from geco.data.images import ON_BAD, ImageSource, OnBad, check_choice
+from geco.data.sampler import EpochBatchSampler
 from geco.data.splits import Split
 from geco.errors import ConfigError, DataError
 
 log = logging.getLogger("geco")
 Transform = Callable[[Image.Image], Tensor]
-ON_BAD_IMAGE = ("error", "skip")
 
 
-def _check_mode(on_bad_image: str) -> str:
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise ConfigError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+def _check_mode(on_bad_image: OnBad) -> OnBad:
+    check_choice("on_bad_image", on_bad_image, ON_BAD)
     return on_bad_image
 
 
 class _Base(Dataset):
-    def __init__(self, images: ImageFolder, transform: Transform, on_bad_image: str) -> None:
+    def __init__(self, images: ImageSource, transform: Transform, on_bad_image: OnBad) -> None:
         self.images = images
         self.transform = transform
         self.on_bad_image = _check_mode(on_bad_image)
@@ -55,10 +59,10 @@ class PairDataset(_Base):
     def __init__(
         self,
         split: Split,
-        images: ImageFolder,
+        images: ImageSource,
         transform: Transform,
         *,
-        on_bad_image: str = "error",
+        on_bad_image: OnBad = "error",
     ) -> None:
         super().__init__(images, transform, on_bad_image)
         self.split = split
@@ -81,11 +85,11 @@ class EvalDataset(_Base):
     def __init__(
         self,
         split: Split,
-        images: ImageFolder,
+        images: ImageSource,
         transform: Transform,
         *,
         n_negatives: int,
-        on_bad_image: str = "error",
+        on_bad_image: OnBad = "error",
     ) -> None:
         super().__init__(images, transform, on_bad_image)
         if n_negatives < 1:
@@ -113,8 +117,28 @@ class EvalDataset(_Base):
         }
 
 
+class QueryDataset(_Base):
+    """The query side of eval rows: {"top", "index", "bottom_id", "negatives"} (ids only for
+    the bottoms: every candidate is embedded once, by `ItemDataset`). Batch with
+    `collate_rows`."""
+
+    def __init__(self, split: Split, images: ImageSource, transform: Transform) -> None:
+        super().__init__(images, transform, "error")
+        if split.negatives is None:
+            raise DataError(f"{split.source}: evaluation needs neg_* columns")
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def _item(self, index: int) -> dict[str, Any]:
+        s = self.split
+        return {"top": self._img(s.tops[index], s.where(index)), "index": index,
+                "bottom_id": s.bottoms[index], "negatives": list(s.negatives[index])}
+
+
 class ItemDataset(_Base):
-    """Single items (e.g. a catalog to embed): {"image", "index"}.
+    """Single items (e.g. a catalog to embed): {"image", "index", "id"}.
 
     `contexts` (optional, parallel to ids) says where each id came from, for error messages.
     """
@@ -122,10 +146,10 @@ class ItemDataset(_Base):
     def __init__(
         self,
         ids: Sequence[str],
-        images: ImageFolder,
+        images: ImageSource,
         transform: Transform,
         *,
-        on_bad_image: str = "error",
+        on_bad_image: OnBad = "error",
         contexts: Sequence[str] | None = None,
     ) -> None:
         super().__init__(images, transform, on_bad_image)
@@ -139,7 +163,8 @@ class ItemDataset(_Base):
 
     def _item(self, index: int) -> dict[str, Any]:
         context = self.contexts[index] if self.contexts is not None else f"item #{index}"
-        return {"image": self._img(self.ids[index], context), "index": index}
+        return {"image": self._img(self.ids[index], context), "index": index,
+                "id": self.ids[index]}
 
 
 def collate_skip(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None:
@@ -153,3 +178,48 @@ def collate_skip(batch: list[dict[str, Any] | None]) -> dict[str, Any] | None:
     out = default_collate(good)
     out["skipped"] = len(batch) - len(good)
     return out
+
+
+def collate_rows(batch: list[dict[str, Any]]) -> dict[str, Any]:
+    """Tensors stacked, numbers as a tensor, everything else (ids, id lists) kept as lists:
+    default_collate would transpose the per-row lists of negatives."""
+    out: dict[str, Any] = {}
+    for key, value in batch[0].items():
+        values = [b[key] for b in batch]
+        if torch.is_tensor(value):
+            out[key] = torch.stack(values)
+        elif isinstance(value, int):
+            out[key] = torch.tensor(values, dtype=torch.int64)
+        else:
+            out[key] = values
+    return out
+
+
+class Loader:
+    """Batches of one split for one rank, reshuffled by `set_epoch` (open_clip's DataInfo):
+    what the training loop iterates, whichever source made it."""
+
+    def __init__(self, loader: DataLoader, shuffler: Any) -> None:
+        self.loader, self._shuffler = loader, shuffler
+
+    def set_epoch(self, epoch: int) -> None:
+        self._shuffler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def batch_loader(dataset: Dataset, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_workers: int = 0, drop_last: bool = False,
+                 pin_memory: bool = False) -> Loader:
+    """Shuffled batches of a map-style dataset: the same global batches for any world size,
+    each rank taking its share (geco.data.sampler); bad items counted by `collate_skip`."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size,
+                                seed=seed, drop_last=drop_last)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_skip, pin_memory=pin_memory,
+                        persistent_workers=num_workers > 0)
+    return Loader(loader, sampler)

@@ -36,7 +36,7 @@ from typing import Any
 
 from PIL import Image
 
-from geco.data.images import ImageFolder
+from geco.data.images import ON_BAD, ImageFolder, check_choice
 from geco.data.splits import Split
 from geco.errors import ConfigError, DataError
 
@@ -44,7 +44,6 @@ log = logging.getLogger("geco")
 
 MANIFEST = "manifest.json"
 FORMAT = "geco-shards/1"
-ON_BAD_IMAGE = ("error", "skip")
 KEY_DIGITS = 9  # zero-padded sample keys: up to a billion rows per split
 _OUR_SHARD = re.compile(r"^(train|valid|test|catalogue-(valid|test|train))-\d{6}\.tar$")
 
@@ -201,8 +200,7 @@ def write_shards(splits: dict[str, Split], images: ImageFolder, out_dir: Path, s
     an eval row is left out when its top, bottom or any negative is unreadable).
     """
     spec.validate()
-    if on_bad_image not in ON_BAD_IMAGE:
-        raise ConfigError(f"on_bad_image must be one of {ON_BAD_IMAGE}, got {on_bad_image!r}")
+    check_choice("on_bad_image", on_bad_image, ON_BAD)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     enc = _Encoder(images, spec)
@@ -319,13 +317,16 @@ def add_shard_command(subparsers) -> None:
 
 def cmd_shard(args, cfg) -> dict[str, Any]:
     """Read cfg.data as training does, write the shards, upload them if --out is s3://."""
-    from geco.data.source import ensure_synthetic, open_dataset
+    import dataclasses
+
+    from geco.data.source import open_data
 
     spec = ShardSpec(image_size=args.image_size, jpeg_quality=args.quality,
                      samples_per_shard=args.samples_per_shard,
                      catalogue_per_shard=args.catalogue_per_shard).validate()
-    ensure_synthetic(cfg.data)
-    splits, images = open_dataset(cfg.data)
+    # The dataset folder, whatever data.shards says: shards are written from it.
+    splits, images = open_data(dataclasses.replace(cfg.data, shards="")).splits(
+        ("train", "valid", "test"))
     source = f"{cfg.data.root} (kind {cfg.data.kind})"
     out = str(args.out)
     if not out.startswith("s3://"):

@@ -1,133 +1,308 @@
-"""Open the configured dataset: generate the synthetic default if asked, read splits, preflight."""
+"""The one way into a dataset: `open_data(cfg.data)` decides once where the data come from and
+returns an object that serves every consumer the same way, whatever the source (open_clip's
+`get_data` habit):
+
+- `FolderData`: a dataset folder (`files/*.csv` + `img/<id>.jpg`; the synthetic default is
+  generated into it on first use);
+- `ShardData`: WebDataset shards written by `geco data shard` (a folder or s3://bucket/prefix
+  holding manifest.json); the dataset folder is never read, which is what cluster workers
+  without the folder need.
+
+Both give:
+- `train_loader(...)`: the training pairs {"top", "bottom"} as a `Loader` (every pair once per
+  epoch across DDP ranks and loader workers, equal batches per rank);
+- `queries(split, ...)` / `candidates(split, ...)`: batches of an evaluation split's rows (top
+  image, row index, positive id, negative ids) and of its candidate bottoms (each once), which
+  `geco.evaluate.evaluate` and the registry's catalogue embed;
+- `splits(names)`: whole splits by id plus their images (`ImageFolder`, or the shards' JPEG
+  bytes in memory), for models that look images up by id (the baselines);
+- `sample_pairs(split, n, ...)` (template grids), `n_rows(split)`, `check(names)` and `lineage`.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from geco.config import DataConfig
-from geco.data.images import ImageFolder, preflight
+from torch.utils.data import DataLoader
+
+from geco.data.datasets import (
+    ItemDataset,
+    Loader,
+    PairDataset,
+    QueryDataset,
+    Transform,
+    batch_loader,
+    collate_rows,
+)
+from geco.data.images import ImageFolder, OnBad, ShardImages, preflight
 from geco.data.splits import Split, load_splits, resolve_layout
-from geco.data.synth import ensure
+from geco.data.synth import SynthSpec, ensure
+from geco.errors import DataError
+from geco.settings import at_least, require, resumable
+
+if TYPE_CHECKING:
+    from geco.train.runtime import Runtime
 
 log = logging.getLogger("geco")
 
-
-def ensure_synthetic(cfg: DataConfig) -> None:
-    """Generate the synthetic dataset into cfg.root when configured and missing (idempotent)."""
-    if cfg.synthetic:
-        ensure(Path(cfg.root), cfg.synth)
+DatasetKind = Literal["auto", "fashionvc", "expreduced", "fashiontaobaotb", "standard", "pairs"]
 
 
 @dataclass
-class EvalData:
-    """One evaluation split (valid or test): rows from the dataset folder (`split`, `images`)
-    or from shards (`shards` root + its manifest). Both evaluate to the same metrics."""
-
-    name: str
-    split: Split | None = None
-    images: ImageFolder | None = None
+class DataConfig:
+    # Dataset folder: files/*.csv + img/<id>.jpg (paper layouts, "standard", or pairs.csv).
+    root: str = "data/synthetic"
+    kind: DatasetKind = "auto"
+    image_size: int = 128  # GECo and CIGM input size (docs/model.md §1.4)
+    n_negatives: int = 9
+    on_missing_image: OnBad = "error"  # rows whose image files are absent (preflight)
+    on_bad_image: OnBad = "error"  # images that fail to decode during training
+    num_workers: int = resumable(2)
+    # Training pairs streamed from WebDataset shards (`geco data shard`): a folder or an
+    # s3://bucket/prefix holding manifest.json; validation and test then read the shards'
+    # eval and catalogue sets too, and `root` is not read. Empty = read `root` directly.
     shards: str = ""
-    manifest: dict[str, Any] = field(default_factory=dict)
-    on_bad: str = "error"
+    # Generate the synthetic dataset into `root` when it is missing (embedded default).
+    synthetic: bool = False
+    synth: SynthSpec = field(default_factory=SynthSpec)
 
-    @property
-    def where(self) -> str:
-        return f"{self.shards} [{self.name}]" if self.shards else str(self.split.source)
+    def validate(self, key: str) -> None:
+        size = self.image_size
+        require(size >= 16 and not size & (size - 1), f"{key}.image_size", size,
+                "must be a power of two >= 16 (U-Net depth)")
+        at_least(f"{key}.n_negatives", self.n_negatives, 3, "AUC-1vs3 needs 3 negatives")
+        at_least(f"{key}.num_workers", self.num_workers, 0)
 
-    def __len__(self) -> int:
-        if self.shards:
-            return int(self.manifest["splits"][self.name]["samples"])
-        return len(self.split)
 
-    def evaluate(self, retriever, *, rt, image_size: int, batch_size: int, seed: int,
-                 ties: str, num_workers: int) -> dict[str, Any]:
-        from geco.evaluate import evaluate_shards, evaluate_split
+def open_data(cfg: DataConfig, rt: Runtime | None = None) -> FolderData | ShardData:
+    """The configured dataset: shards when `cfg.shards` is set (then nothing is read from
+    `cfg.root`), else the folder, generated first when `cfg.synthetic` (by rank 0 only)."""
+    if cfg.shards:
+        return ShardData(cfg)
+    if cfg.synthetic and (rt is None or rt.is_main):
+        ensure(Path(cfg.root), cfg.synth)
+    if rt is not None:
+        rt.barrier()
+    return FolderData(cfg)
 
-        kw = dict(rt=rt, image_size=image_size, batch_size=batch_size, seed=seed, ties=ties,
-                  num_workers=num_workers)
-        if self.shards:
-            return evaluate_shards(retriever, self.shards, self.name, manifest=self.manifest,
-                                   on_bad=self.on_bad, **kw)
-        return evaluate_split(retriever, self.split, self.images, **kw)
 
-    def sample_pairs(self, n: int, transform) -> list[dict[str, Any]]:
-        """The first n rows' {"top", "bottom"} tensors (for template grids)."""
-        if not self.shards:
-            from geco.data.datasets import PairDataset
+def _loader(ds, *, batch_size: int | None, num_workers: int, rt: Runtime | None,
+            collate=None) -> DataLoader:
+    cuda = rt is not None and rt.device.type == "cuda"
+    return DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      pin_memory=cuda, collate_fn=collate)
 
-            ds = PairDataset(self.split.subset(range(min(n, len(self.split)))), self.images,
-                             transform)
-            return [ds[i] for i in range(len(ds))]
+
+class FolderData:
+    """A dataset folder; splits are read (and their images checked) once, on first use."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        self.cfg = cfg
+        self.where = str(cfg.root)
+        self.lineage = {"geco.shards": cfg.root, "geco.manifest_sha256": ""}
+        self._layout = None
+        self._splits: dict[str, Split] = {}
+        self._images: ImageFolder | None = None
+
+    def splits(self, names: tuple[str, ...]) -> tuple[dict[str, Split], ImageFolder]:
+        """The named splits (rows with missing images removed or refused per
+        `on_missing_image`) and the image folder."""
+        todo = tuple(n for n in names if n not in self._splits)
+        if todo:
+            if self._layout is None:
+                self._layout = resolve_layout(Path(self.cfg.root), self.cfg.kind)
+                self._images = ImageFolder(self._layout.img_dir)
+            loaded = load_splits(self._layout, n_negatives=self.cfg.n_negatives, splits=todo)
+            for name, split in loaded.items():
+                kept, dropped = preflight(split, self._images,
+                                          on_missing=self.cfg.on_missing_image)
+                if dropped:
+                    log.warning("%s: skipped %d rows with missing images", split.source, dropped)
+                if len(kept) == 0:
+                    raise DataError(f"{split.source}: no usable rows left after the image check")
+                self._splits[name] = kept
+        return {n: self._splits[n] for n in names}, self._images
+
+    def split(self, name: str) -> Split:
+        return self.splits((name,))[0][name]
+
+    def check(self, names: tuple[str, ...]) -> None:
+        self.splits(names)
+
+    def describe(self, split: str) -> str:
+        return str(self.split(split).source)
+
+    def n_rows(self, split: str) -> int:
+        return len(self.split(split))
+
+    def train_loader(self, transform: Transform, *, rt: Runtime, batch_size: int, seed: int,
+                     num_workers: int) -> Loader:
+        splits, images = self.splits(("train",))
+        pairs = PairDataset(splits["train"], images, transform,
+                            on_bad_image=self.cfg.on_bad_image)
+        return batch_loader(pairs, batch_size=batch_size, rank=rt.rank,
+                            world_size=rt.world_size, seed=seed, num_workers=num_workers,
+                            pin_memory=rt.device.type == "cuda")
+
+    def queries(self, split: str, transform: Transform, *, batch_size: int, num_workers: int,
+                rt: Runtime | None = None):
+        splits, images = self.splits((split,))
+        rows = QueryDataset(splits[split], images, transform)
+        return _loader(rows, batch_size=batch_size, num_workers=num_workers, rt=rt,
+                       collate=collate_rows)
+
+    def candidates(self, split: str, transform: Transform, *, batch_size: int,
+                   num_workers: int, rt: Runtime | None = None):
+        """Every bottom the split's rows mention (positive and negatives), once, in order of
+        first appearance."""
+        splits, images = self.splits((split,))
+        s = splits[split]
+        ids: dict[str, str] = {}
+        for r, (b, negs) in enumerate(zip(s.bottoms, s.negatives or (), strict=True)):
+            for item in (b, *negs):
+                ids.setdefault(item, s.where(r))
+        items = ItemDataset(list(ids), images, transform, contexts=list(ids.values()))
+        return _loader(items, batch_size=batch_size, num_workers=num_workers, rt=rt)
+
+    def sample_pairs(self, split: str, n: int, transform: Transform) -> list[dict[str, Any]]:
+        """The first n rows' {"top", "bottom"} tensors (template grids)."""
+        splits, images = self.splits((split,))
+        s = splits[split]
+        ds = PairDataset(s.subset(range(min(n, len(s)))), images, transform)
+        return [ds[i] for i in range(len(ds))]
+
+
+class ShardData:
+    """Shards written by `geco data shard` (local or s3://): the manifest is read once."""
+
+    def __init__(self, cfg: DataConfig) -> None:
+        from geco.data.stream import load_manifest
+
+        self.cfg = cfg
+        self.root = self.where = cfg.shards
+        self.manifest = load_manifest(cfg.shards)  # names the URL; wrong credentials too
+        digest = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()
+        self.lineage = {"geco.shards": cfg.shards, "geco.manifest_sha256": digest}
+        self._splits: dict[str, Split] = {}
+        self._images = ShardImages(cfg.shards)
+
+    def _entry(self, split: str, kind: str | None = None) -> dict[str, Any]:
+        entry = self.manifest["splits"].get(split)
+        if entry is None or (kind and entry.get("kind") != kind):
+            what = f"{kind} split" if kind else "split"
+            raise DataError(f"{self.root}: the shards hold no {what} {split!r} "
+                            f"(has: {', '.join(sorted(self.manifest['splits']))})")
+        return entry
+
+    def _stream(self, split: str, transform, **kw):
         from geco.data.stream import ShardStream
 
-        stream = ShardStream.from_manifest(self.shards, self.name, self.manifest, kind="eval",
-                                           transform=transform, batch_size=n, on_bad="skip")
+        return ShardStream.from_manifest(self.root, split, self.manifest, transform=transform,
+                                         **kw)
+
+    def check(self, names: tuple[str, ...]) -> None:
+        for name in names:
+            self._entry(name)
+
+    def describe(self, split: str) -> str:
+        return f"{self.root} [{split}]"
+
+    def n_rows(self, split: str) -> int:
+        entry = self._entry(split, "eval")
+        return int(entry["samples"]) + int(entry.get("skipped", 0))
+
+    def train_loader(self, transform: Transform, *, rt: Runtime, batch_size: int, seed: int,
+                     num_workers: int) -> Loader:
+        # A shard stream batches itself, per rank and worker, with equal steps per rank.
+        stream = self._stream("train", transform, rank=rt.rank, world_size=rt.world_size,
+                              seed=seed, batch_size=batch_size, on_bad=self.cfg.on_bad_image)
+        loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
+                            pin_memory=rt.device.type == "cuda",
+                            persistent_workers=num_workers > 0)
+        return Loader(loader, stream)
+
+    def queries(self, split: str, transform: Transform, *, batch_size: int, num_workers: int,
+                rt: Runtime | None = None):
+        self._entry(split, "eval")
+        stream = self._stream(split, transform, kind="eval", batch_size=batch_size,
+                              on_bad=self.cfg.on_bad_image)
+        return _loader(stream, batch_size=None, num_workers=num_workers, rt=rt)
+
+    def candidates(self, split: str, transform: Transform, *, batch_size: int,
+                   num_workers: int, rt: Runtime | None = None):
+        stream = self._stream(f"catalogue-{split}", transform, kind="catalogue",
+                              batch_size=batch_size, on_bad=self.cfg.on_bad_image)
+        return _loader(stream, batch_size=None, num_workers=num_workers, rt=rt)
+
+    def sample_pairs(self, split: str, n: int, transform: Transform) -> list[dict[str, Any]]:
+        stream = self._stream(split, transform, kind="eval", batch_size=n, on_bad="skip")
         batch = next(iter(stream), None)
         if batch is None:
             return []
-        return [{"top": t, "bottom": b} for t, b in zip(batch["top"], batch["bottom"],
-                                                       strict=True)][:n]
+        return [{"top": t, "bottom": b}
+                for t, b in zip(batch["top"], batch["bottom"], strict=True)][:n]
+
+    def splits(self, names: tuple[str, ...]) -> tuple[dict[str, Split], ShardImages]:
+        """The named splits as Splits in source-row order, and the JPEG bytes of every id
+        they mention (eval splits: their catalogue shards too), read into memory once.
+        Unreadable samples raise DataError, or are counted and left out in skip mode."""
+        for name in names:
+            if name not in self._splits:
+                self._splits[name] = self._read_split(name)
+        log.info("read %s from the shards at %s: %d images",
+                 ", ".join(f"{n} ({len(self._splits[n])} rows)" for n in names), self.root,
+                 len(self._images))
+        return {n: self._splits[n] for n in names}, self._images
+
+    def _read_split(self, name: str) -> Split:
+        kind = self._entry(name).get("kind")
+        on_bad = self.cfg.on_bad_image
+        rows: list[tuple[int, str, str, tuple[str, ...] | None, int]] = []
+        skipped = 0
+        parts = [name] + ([f"catalogue-{name}"] if kind == "eval" else [])
+        for part in parts:
+            stream = self._stream(part, lambda im: im, batch_size=2, on_bad=on_bad,
+                                  shuffle=False)
+            for sample in stream.raw_samples():
+                if sample is None:
+                    skipped += 1
+                    continue
+                try:
+                    meta = json.loads(sample["meta.json"])
+                    if part.startswith("catalogue-"):
+                        self._images.add(str(meta["id"]), sample["bottom.jpg"])
+                        continue
+                    top, bottom, row = str(meta["top"]), str(meta["bottom"]), int(meta["row"])
+                    negs = (tuple(str(n) for n in json.loads(sample["neg.json"]))
+                            if kind == "eval" else None)
+                except (ValueError, KeyError, TypeError) as exc:
+                    err = DataError(f"shard {sample.get('__url__')}: sample "
+                                    f"{sample.get('__key__')!r}: bad metadata: {exc}")
+                    if on_bad == "error":
+                        raise err from None
+                    log.warning("skipping sample: %s", err)
+                    skipped += 1
+                    continue
+                self._images.add(top, sample["top.jpg"])
+                self._images.add(bottom, sample["bottom.jpg"])
+                rows.append((row, top, bottom, negs, _line(meta.get("source", ""), row)))
+        if not rows:
+            raise DataError(f"{self.root}: no readable {name} samples in the shards")
+        if skipped:
+            log.warning("%s [%s]: skipped %d unreadable samples", self.root, name, skipped)
+        rows.sort(key=lambda r: r[0])
+        return Split(name=name, source=f"{self.root} [{name}]",
+                     tops=tuple(r[1] for r in rows), bottoms=tuple(r[2] for r in rows),
+                     negatives=(tuple(r[3] for r in rows) if kind == "eval" else None),
+                     lines=tuple(r[4] for r in rows))
 
 
-def open_eval_data(cfg: DataConfig, split: str) -> EvalData:
-    """The evaluation split from `cfg.shards` when set (nothing is read from `cfg.root`), else
-    from the dataset folder."""
-    if cfg.shards:
-        from geco.data.stream import load_manifest
+def _line(source: str, row: int) -> int:
+    tail = str(source).rsplit(":", 1)[-1]
+    return int(tail) if tail.isdigit() else row + 2
 
-        manifest = load_manifest(cfg.shards)
-        entry = manifest["splits"].get(split)
-        if entry is None or entry.get("kind") != "eval":
-            from geco.errors import DataError
-
-            raise DataError(f"{cfg.shards}: the shards hold no eval split {split!r} "
-                            f"(has: {', '.join(sorted(manifest['splits']))})")
-        return EvalData(split, shards=cfg.shards, manifest=manifest, on_bad=cfg.on_bad_image)
-    splits, images = open_dataset(cfg, (split,))
-    return EvalData(split, split=splits[split], images=images)
-
-
-def open_training_data(cfg: DataConfig, transform, *, rank: int, world_size: int, seed: int,
-                       batch_size: int):
-    """(training pairs, validation EvalData) for a training stage.
-
-    With `cfg.shards` everything streams from the shards (local or s3://) and the dataset
-    folder is never read: that is what cluster workers without the folder need.
-    """
-    if cfg.shards:
-        from geco.data.stream import ShardStream
-
-        valid = open_eval_data(cfg, "valid")
-        train = ShardStream.from_manifest(
-            cfg.shards, "train", valid.manifest, transform=transform, rank=rank,
-            world_size=world_size, seed=seed, batch_size=batch_size, on_bad=cfg.on_bad_image,
-        )
-        return train, valid
-    from geco.data.datasets import PairDataset
-
-    splits, images = open_dataset(cfg, ("train", "valid"))
-    train = PairDataset(splits["train"], images, transform, on_bad_image=cfg.on_bad_image)
-    return train, EvalData("valid", split=splits["valid"], images=images)
-
-
-def open_dataset(
-    cfg: DataConfig, splits: tuple[str, ...] = ("train", "valid", "test")
-) -> tuple[dict[str, Split], ImageFolder]:
-    """Splits (rows with missing images removed or rejected per config) and the image folder."""
-    layout = resolve_layout(Path(cfg.root), cfg.kind)
-    loaded = load_splits(layout, n_negatives=cfg.n_negatives, splits=splits)
-    images = ImageFolder(layout.img_dir)
-    out: dict[str, Split] = {}
-    for name, split in loaded.items():
-        kept, dropped = preflight(split, images, on_missing=cfg.on_missing_image)
-        if dropped:
-            log.warning("%s: skipped %d rows with missing images", split.source, dropped)
-        if len(kept) == 0:
-            from geco.errors import DataError
-
-            raise DataError(f"{split.source}: no usable rows left after the image check")
-        out[name] = kept
-    return out, images

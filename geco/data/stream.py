@@ -42,12 +42,12 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
+from geco.data.images import ON_BAD, check_choice
 from geco.errors import ConfigError, DataError
 
 log = logging.getLogger("geco")
 
 KINDS = ("train", "eval", "catalogue")
-ON_BAD = ("error", "skip")
 _S3_REGISTERED = False
 
 
@@ -223,8 +223,7 @@ class ShardStream(IterableDataset):
                  shuffle_buffer: int = 1000, draft: bool = True, fast: bool = True):
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
-        if on_bad not in ON_BAD:
-            raise ConfigError(f"on_bad must be one of {ON_BAD}, got {on_bad!r}")
+        check_choice("on_bad", on_bad, ON_BAD)
         if len(urls) != len(n_samples):
             raise ValueError(f"{len(urls)} urls but {len(n_samples)} sample counts")
         if not urls:

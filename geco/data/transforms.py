@@ -1,4 +1,5 @@
-"""Image transforms and conversions between the two input spaces (REFERENCE §1.4, §7 item 1).
+"""Image transforms, conversions between the two input spaces (docs/model.md §1.4, §7), and
+the PNG grids runs log (template | top | bottom pictures).
 
 GECo's ResNet sees ImageNet-normalised tensors; CIGM (the generator) is trained on [-1,1].
 The reference feeds ImageNet tensors straight into CIGM and its tanh output straight into
@@ -7,9 +8,12 @@ the ResNet; `faithful=True` reproduces that, the default converts between the sp
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import Tensor
 from torchvision import transforms as T
+from torchvision.utils import save_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -65,3 +69,13 @@ def denormalize_gan(x: Tensor) -> Tensor:
 def denormalize_imagenet(x: Tensor) -> Tensor:
     """ImageNet space -> [0,1] for saving sample grids."""
     return _to_unit_imagenet(x).clamp(0.0, 1.0)
+
+
+def save_rows(columns: list[Tensor], path: Path) -> Path:
+    """A PNG grid with one row per item and one column per tensor (each Nx3xHxW in [0,1]),
+    e.g. top | template | true bottom."""
+    rows = torch.stack([c.float().cpu() for c in columns], dim=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(rows.flatten(0, 1).clamp(0, 1), path, nrow=len(columns), padding=2,
+               pad_value=1.0)
+    return path

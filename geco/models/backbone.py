@@ -1,7 +1,13 @@
-"""ResNet-18 feature extractor (512-d) shared by tops, templates and bottoms (REFERENCE §3.1).
+"""Frozen-or-trained image feature extractors and where their weights come from.
 
-Weights never come from the network implicitly: ImageNet weights are used only when torchvision's
-file is already in the torch hub cache; otherwise a local path or an s3:// URI must be given.
+- ResNet-18 (512-d): GECo's backbone, shared by tops, templates and bottoms (docs/model.md §3);
+  BPR-DAE's frozen features when AlexNet's weights are not available.
+- AlexNet fc7 (4096-d): BPR-DAE's frozen features, as in the paper (docs/model.md §5).
+
+Weights never come from the network implicitly: ImageNet weights are used only when
+torchvision's file is already in the torch hub cache (`<torch.hub.get_dir()>/checkpoints/`,
+honours $TORCH_HOME); otherwise a local state-dict path or an s3://bucket/key URI (fetched once
+into ~/.cache/geco/weights) must be given.
 """
 
 from __future__ import annotations
@@ -9,17 +15,29 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
-from torchvision.models import resnet18
+from torchvision.models import alexnet, resnet18
 
 from geco.errors import WeightsError
 
 log = logging.getLogger(__name__)
 
 RESNET18_IMAGENET_FILE = "resnet18-f37072fd.pth"  # torchvision's IMAGENET1K_V1 file name
+ALEXNET_IMAGENET_FILE = "alexnet-owt-7be5be79.pth"  # torchvision's IMAGENET1K_V1 file name
+
+
+@dataclass
+class BackboneConfig:
+    # "imagenet" (torchvision cache), a local .pth path, an s3:// URI, or "random".
+    weights: str = "imagenet"
+    allow_random_init: bool = False
+
+    def validate(self, key: str) -> None:
+        pass  # any string names weights; resnet18_features checks them when it loads them
 
 
 class ResNet18Features(nn.Module):
@@ -48,9 +66,28 @@ class ResNet18Features(nn.Module):
         return torch.flatten(self.avgpool(x), 1)
 
 
-def imagenet_weights_path() -> Path:
-    """Where torchvision caches IMAGENET1K_V1 (honours $TORCH_HOME)."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / RESNET18_IMAGENET_FILE
+class AlexNetFC7(nn.Module):
+    """B×3×H×W (ImageNet-normalised) -> B×4096 post-ReLU fc7 features of torchvision's
+    AlexNet: `features` -> adaptive avgpool 6x6 -> flatten (9216) -> `classifier` without its
+    last Linear. Attribute names match torchvision's, so its state dicts load strictly once
+    the last classifier layer (`classifier.6.*`) is removed."""
+
+    out_dim = 4096
+
+    def __init__(self) -> None:
+        super().__init__()
+        net = alexnet(weights=None)  # random init; never downloads
+        self.features, self.avgpool = net.features, net.avgpool
+        # Dropout, Linear, ReLU, Dropout, Linear, ReLU: the last Linear (1000 classes) dropped.
+        self.classifier = nn.Sequential(*list(net.classifier.children())[:-1])
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def imagenet_weights_path(file: str = RESNET18_IMAGENET_FILE) -> Path:
+    """Where torchvision caches an IMAGENET1K_V1 file (honours $TORCH_HOME)."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / file
 
 
 def _cache_root() -> Path:
@@ -58,7 +95,7 @@ def _cache_root() -> Path:
     return Path(base) / "geco" / "weights"
 
 
-def _fetch_s3(uri: str) -> Path:
+def fetch_s3(uri: str) -> Path:
     """Download s3://bucket/key once into the cache; endpoint/credentials come from boto3's env."""
     bucket, _, key = uri[len("s3://") :].partition("/")
     if not bucket or not key or key.endswith("/"):
@@ -147,8 +184,43 @@ def resnet18_features(weights: str = "imagenet", *, allow_random_init: bool = Fa
             )
         return model
     if weights.startswith("s3://"):
-        _load_file(model, _fetch_s3(weights), weights)
+        _load_file(model, fetch_s3(weights), weights)
         return model
     path = Path(weights).expanduser()
     _load_file(model, path, str(path))
     return model
+
+
+def alexnet_fc7(weights: str = "imagenet") -> tuple[AlexNetFC7, str]:
+    """(AlexNet fc7 extractor with `weights` loaded, a description of the weights).
+
+    weights: "imagenet" (torchvision's cached file only, never downloaded), a local
+    state-dict path, or "s3://bucket/key"."""
+    model = AlexNetFC7()
+    if weights == "imagenet":
+        path = imagenet_weights_path(ALEXNET_IMAGENET_FILE)
+        if not path.is_file():
+            raise WeightsError(
+                f"ImageNet AlexNet weights not found at {path}. Put torchvision's "
+                f"{ALEXNET_IMAGENET_FILE} (IMAGENET1K_V1) there (or set $TORCH_HOME), give a "
+                "local path or an s3://bucket/key URI as baselines.bpr_dae.alexnet_weights, "
+                "or set baselines.bpr_dae.features=backbone (or auto) to use GECo's ResNet-18"
+            )
+        _load_alexnet_file(model, path, str(path))
+        return model, "imagenet (torchvision IMAGENET1K_V1)"
+    if weights.startswith("s3://"):
+        _load_alexnet_file(model, fetch_s3(weights), weights)
+        return model, weights
+    path = Path(weights).expanduser()
+    _load_alexnet_file(model, path, str(path))
+    return model, str(path)
+
+
+def _load_alexnet_file(model: AlexNetFC7, path: Path, label: str) -> None:
+    if not path.is_file():
+        raise WeightsError(
+            f"AlexNet weights file {label} not found; give a torchvision AlexNet state dict "
+            "as baselines.bpr_dae.alexnet_weights (a local .pth path or an s3://bucket/key "
+            "URI), or set baselines.bpr_dae.features=backbone"
+        )
+    load_state_file(model, path, label, arch="AlexNet", drop="classifier.6.")

@@ -1,16 +1,62 @@
-"""CIGM (stage 1): pix2pix-style U-Net generator with bottleneck noise, and a PatchGAN critic.
+"""CIGM (stage 1), all of it: its config, the pix2pix-style U-Net generator with bottleneck
+noise and the PatchGAN critic (docs/model.md §2, exactly at 128 px / features=64 minus the
+reference's unused `down6`), the adversarial + λ·L1 losses, the training stage run by
+geco.train.loop, and the template grids.
 
-Follows REFERENCE.md §2 exactly at 128 px / features=64, minus the reference's unused `down6`.
+Per step (§2.3): one generator draw; a discriminator step on (real, detached fake); then a
+generator step with adversarial + λ·L1 against the just-updated discriminator. No epoch
+selection: the generator after the last epoch is the one GECo uses (`cigm/last.pt`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from geco.errors import ConfigError
+from geco.data.transforms import (
+    denormalize_gan,
+    denormalize_imagenet,
+    gan_transform,
+    imagenet_to_gan,
+    save_rows,
+)
+from geco.errors import ConfigError, GecoError
+from geco.settings import adam_betas, at_least, finite_nonnegative, learning_rate, resumable
+from geco.train.runtime import Runtime, load_checkpoint, unwrap
+
+if TYPE_CHECKING:
+    from geco.config import Config
+    from geco.data.source import FolderData, ShardData
+
+
+@dataclass
+class CIGMConfig:
+    features: int = 64
+    noise_dim: int = 1024
+    lambda_l1: float = 100.0
+    lr: float = 2e-4
+    betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
+    epochs: int = resumable(200)
+    batch_size: int = 64
+    init_discriminator: bool = True  # False reproduces the reference (only G is initialised)
+    max_steps_per_epoch: int = 0  # 0 = full epoch; >0 caps steps (smoke runs)
+    n_samples: int = resumable(8)  # validation tops in the per-epoch template grid
+
+    def validate(self, key: str) -> None:
+        for name in ("features", "epochs", "batch_size"):
+            at_least(f"{key}.{name}", getattr(self, name), 1)
+        learning_rate(f"{key}.lr", self.lr)
+        adam_betas(f"{key}.betas", self.betas)
+        finite_nonnegative(f"{key}.lambda_l1", self.lambda_l1)
 
 
 def _down(cin: int, cout: int) -> nn.Sequential:
@@ -178,3 +224,172 @@ def build_cigm(
     if init_discriminator:
         init_pix2pix_weights(disc)
     return gen, disc
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def as_floats(names: Sequence[str], values: Sequence[Tensor]) -> dict[str, float]:
+    """Loss parts for logging, with one device sync for all of them."""
+    return dict(zip(names, torch.stack([v.detach() for v in values]).tolist(), strict=True))
+
+
+def gan_d_half(logits: Tensor, real: bool) -> Tensor:
+    """One half of the discriminator loss: ½·BCE(logits, 1 if real else 0), patch-averaged.
+
+    Training takes the halves separately (one backward per D call); gan_d_loss is their sum.
+    """
+    target = torch.ones_like(logits) if real else torch.zeros_like(logits)
+    return 0.5 * F.binary_cross_entropy_with_logits(logits, target)
+
+
+def gan_d_loss(real_logits: Tensor, fake_logits: Tensor) -> Tensor:
+    """½·[BCE(D(x,y), 1) + BCE(D(x,ŷ), 0)], averaged over every patch logit."""
+    return gan_d_half(real_logits, True) + gan_d_half(fake_logits, False)
+
+
+def gan_g_loss(
+    fake_logits: Tensor, fake: Tensor, target: Tensor, lambda_l1: float
+) -> tuple[Tensor, dict[str, float]]:
+    """Non-saturating adversarial loss + λ·mean|ŷ - y|; parts hold the unweighted terms."""
+    adv = F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
+    l1 = F.l1_loss(fake, target)
+    total = adv + lambda_l1 * l1
+    return total, as_floats(("g_loss", "g_adv", "g_l1"), (total, adv, l1))
+
+
+# --------------------------------------------------------------------------- training stage
+
+
+class CIGMStage:
+    """CIGM as a stage of geco.train.loop: one GAN step per batch, a template grid per epoch."""
+
+    name = "cigm"
+    # What makes a CIGM checkpoint another model (GECo's settings do not).
+    depends_on = ("data", "cigm")
+    rng_seed = None  # the global RNG (seeded by rank at start-up) draws noise and dropout
+
+    def __init__(self, cfg: Config, rt: Runtime, data: FolderData | ShardData):
+        self.cfg, self.rt = cfg, rt
+        c = cfg.cigm
+        self.epochs, self.max_steps_per_epoch = c.epochs, c.max_steps_per_epoch
+        data.check(("train", "valid"))
+        tf = gan_transform(cfg.data.image_size)
+        self.loader = data.train_loader(tf, rt=rt, batch_size=c.batch_size,
+                                        seed=cfg.runtime.seed, num_workers=cfg.data.num_workers)
+        self.sample_set = data.sample_pairs("valid", c.n_samples, tf) if rt.is_main else []
+
+        g, d = build_cigm(c.features, c.noise_dim, cfg.data.image_size,
+                          init_discriminator=c.init_discriminator)
+        g, d = g.to(rt.device), d.to(rt.device)
+        if rt.channels_last:
+            g, d = g.to(memory_format=torch.channels_last), d.to(memory_format=torch.channels_last)
+        if rt.distributed:
+            ids = [rt.device.index] if rt.device.type == "cuda" else None
+            g, d = DDP(g, device_ids=ids), DDP(d, device_ids=ids)
+        self.g, self.d = g, d
+        self.opt_g = torch.optim.Adam(g.parameters(), lr=c.lr, betas=tuple(c.betas))
+        self.opt_d = torch.optim.Adam(d.parameters(), lr=c.lr, betas=tuple(c.betas))
+
+    @property
+    def modules(self) -> list[nn.Module]:
+        """The trained networks (their parameters are what DDP keeps equal across ranks)."""
+        return [self.g, self.d]
+
+    def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
+        rt = self.rt
+        x, y = rt.to_device(batch["top"]), rt.to_device(batch["bottom"])
+        self.g.train()
+        self.d.train()
+        with rt.autocast():
+            fake = self.g(x)
+        # Discriminator, L_D = ½·[BCE(D(x,y),1) + BCE(D(x,ŷ),0)] (gan_d_loss). Real and fake
+        # are scored in separate calls, each with its own BatchNorm batch statistics as in the
+        # reference, so each half gets its own backward; under DDP the first half accumulates
+        # locally (no_sync) and the second all-reduces the sum once.
+        self.opt_d.zero_grad(set_to_none=True)
+        sync_later = self.d.no_sync() if isinstance(self.d, DDP) else contextlib.nullcontext()
+        with sync_later:
+            with rt.autocast():
+                d_real = self.d(x, y).float()
+            loss_real = gan_d_half(d_real, real=True)
+            loss_real.backward()
+        with rt.autocast():
+            d_fake = self.d(x, fake.detach()).float()
+        loss_fake = gan_d_half(d_fake, real=False)
+        loss_fake.backward()
+        self.opt_d.step()
+        loss_d = loss_real.detach() + loss_fake.detach()
+
+        # Generator: the just-updated D scores the same fake. Call D's plain module so D's
+        # gradients from this pass stay local (they are discarded by the next D step anyway).
+        self.opt_g.zero_grad(set_to_none=True)
+        with rt.autocast():
+            logits = unwrap(self.d)(x, fake).float()
+        loss_g, parts = gan_g_loss(logits, fake.float(), y, self.cfg.cigm.lambda_l1)
+        loss_g.backward()
+        self.opt_g.step()
+        return {"d_loss": float(loss_d), **parts}
+
+    def end_epoch(self, epoch: int, out_dir: Path) -> dict[str, float]:
+        if self.rt.is_main:
+            save_template_grid(
+                unwrap(self.g), self.sample_set, out_dir / "samples" / f"epoch_{epoch + 1:03d}.png",
+                rt=self.rt, seed=self.cfg.eval.seed, space="gan",
+            )
+        return {}
+
+    def selection(self) -> None:
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": unwrap(self.g).state_dict(),
+            "discriminator": unwrap(self.d).state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        unwrap(self.g).load_state_dict(state["generator"])
+        unwrap(self.d).load_state_dict(state["discriminator"])
+        self.opt_g.load_state_dict(state["opt_g"])
+        self.opt_d.load_state_dict(state["opt_d"])
+
+
+def load_generator(path: str | Path, device: torch.device) -> tuple[Generator, dict[str, Any]]:
+    """The frozen, eval-mode generator from a CIGM checkpoint, with the config it was trained with."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt.get("stage") != "cigm":
+        raise GecoError(f"{path} is not a CIGM checkpoint (stage={ckpt.get('stage')!r})")
+    c = ckpt["config"]
+    g = Generator(features=c["cigm"]["features"], noise_dim=c["cigm"]["noise_dim"],
+                  image_size=c["data"]["image_size"])
+    g.load_state_dict(ckpt["state"]["generator"])
+    g.eval().requires_grad_(False)
+    return g.to(device), c
+
+
+# --------------------------------------------------------------------------- pictures
+
+
+@torch.no_grad()
+def save_template_grid(
+    generator: Generator, pairs: list[dict[str, Tensor]], path: Path, *, rt: Runtime, seed: int,
+    space: str = "gan", faithful: bool = False,
+) -> Path:
+    """One row per pair: top | template | true bottom. `pairs` hold {"top", "bottom"} in
+    `space` ("gan" = [-1,1], "imagenet" = GECo's input); the noise is seeded."""
+    items = [it for it in pairs if it is not None]
+    tops = torch.stack([it["top"] for it in items]).to(rt.device)
+    bottoms = torch.stack([it["bottom"] for it in items]).to(rt.device)
+    gen_in = tops if space == "gan" else imagenet_to_gan(tops, faithful=faithful)
+    rng = torch.Generator().manual_seed(seed)
+    noise = torch.randn(len(items), generator.noise_dim, generator=rng).to(rt.device)
+    was_training = generator.training
+    generator.eval()
+    with rt.autocast():
+        templates = generator(gen_in, noise).float()
+    generator.train(was_training)
+    to01 = denormalize_gan if space == "gan" else denormalize_imagenet
+    return save_rows([to01(tops), denormalize_gan(templates), to01(bottoms)], path)

@@ -1,40 +1,64 @@
-"""The one training loop both stages run: epochs, DDP sampling, progress, checkpoints, resume.
+"""The one training loop every model runs: CIGM, GECo and the trainable baselines (MGCM,
+Pix2PixCM, BPR-DAE) alike.
 
-A stage (CIGM or GECo) supplies the model-specific parts through the small `Stage`
-protocol; everything generic lives here once: deterministic per-epoch shuffling shared by all
-ranks, equal batch counts per rank, samples/s progress, skipped-sample counts, per-epoch
-validation, best-epoch selection, atomic `last.pt`/`best.pt`, and resume from `last.pt`.
+A model supplies its specific parts through the small `Stage` protocol (its loader, one
+training step, what to do after an epoch, its state); everything generic lives here once:
+progress lines with samples/s, skipped-sample counts, per-epoch validation and best-epoch
+selection, atomic `last.pt` / `best.pt` with the resolved config and history, resume from
+`last.pt` after a drift check, and optional per-epoch RNG streams.
+
+`train(cfg, name, run_dir)` builds the stage `name` (see STAGES) on the configured data and
+fits it into `<run_dir>/<name>/`: what `geco train`, `geco compare`, the Ray workers and the
+Ray compare tasks all call.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import logging
 import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from geco.config import Config, with_defaults
-from geco.data.datasets import collate_skip
-from geco.data.sampler import EpochBatchSampler
-from geco.data.source import ensure_synthetic
-from geco.errors import DataError, GecoError
+from geco.config import drift
+from geco.errors import ConfigError, DataError, GecoError
 from geco.train.runtime import Runtime, init_runtime, load_checkpoint, save_checkpoint
+
+if TYPE_CHECKING:
+    from geco.config import Config
+    from geco.data.datasets import Loader
 
 log = logging.getLogger("geco")
 
+# Every trainable model: name (its run-dir folder and checkpoint tag) -> its Stage class.
+STAGES = {
+    "cigm": "geco.models.cigm:CIGMStage",
+    "geco": "geco.models.geco:GECoStage",
+    "mgcm": "geco.baselines.gancm:MGCMStage",
+    "pix2pixcm": "geco.baselines.gancm:Pix2PixCMStage",
+    "bpr-dae": "geco.baselines.bprdae:BPRDAEStage",
+}
+
 
 class Stage(Protocol):
-    name: str  # "cigm" | "geco": sub-folder of the run dir
+    name: str  # sub-folder of the run dir, and the "stage" its checkpoints carry
+    cfg: Config  # the resolved config it trains with, saved in every checkpoint
     epochs: int
-    batch_size: int
-    max_steps_per_epoch: int
-    train_set: Dataset
+    max_steps_per_epoch: int  # 0 = whole epochs
+    loader: Loader  # the training batches of this rank
+    # Config keys (sections or fields) that define the model: a checkpoint whose values differ
+    # there is another model and is not resumed. Fields declared `resumable` are not compared.
+    depends_on: tuple[str, ...]
+    # None: steps draw from the process RNG. An int: every epoch runs under its own RNG
+    # stream seeded from (rng_seed, epoch), so a resumed run trains exactly like an
+    # uninterrupted one.
+    rng_seed: int | None
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]: ...
 
@@ -49,28 +73,47 @@ class Stage(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def make_train_loader(stage: Stage, rt: Runtime, *, seed: int, num_workers: int) -> DataLoader:
-    if isinstance(stage.train_set, IterableDataset):
-        # A shard stream batches itself, per rank and worker, with equal steps per rank.
-        return DataLoader(stage.train_set, batch_size=None, num_workers=num_workers,
-                          pin_memory=rt.device.type == "cuda",
-                          persistent_workers=num_workers > 0)
-    # Same global batches for any world size; each rank takes its share (geco.data.sampler).
-    sampler = EpochBatchSampler(len(stage.train_set), stage.batch_size, rank=rt.rank,
-                                world_size=rt.world_size, seed=seed)
-    return DataLoader(
-        stage.train_set,
-        batch_sampler=sampler,
-        num_workers=num_workers,
-        collate_fn=collate_skip,
-        pin_memory=rt.device.type == "cuda",
-        persistent_workers=num_workers > 0,
-    )
+def start_runtime(cfg: Config) -> Runtime:
+    """Join DDP when launched that way (torchrun, Ray Train); device and seeds per rank."""
+    return init_runtime(cfg.runtime)
 
 
-def _set_epoch(loader: DataLoader, epoch: int) -> None:
-    target = loader.batch_sampler if loader.batch_sampler is not None else loader.dataset
-    target.set_epoch(epoch)
+def make_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, *,
+               generator: Path | None = None, data=None) -> Stage:
+    """The stage `name` on the configured data (opened here unless given). GECo trains with
+    the generator file `generator` (a Ray worker's download; geco.cigm_checkpoint then names
+    where it came from), else geco.cigm_checkpoint, else <run_dir>/cigm/last.pt."""
+    from geco.data.source import open_data
+
+    if name not in STAGES:
+        raise GecoError(f"unknown model {name!r} to train (known: {', '.join(STAGES)})")
+    if name == "geco" and generator is None:
+        from geco.models.geco import cigm_path
+
+        generator = cigm_path(cfg, run_dir)
+        if not generator.is_file():
+            raise GecoError(
+                f"no CIGM generator at {generator}: run `geco train cigm` with the same "
+                "--run-dir first, or set geco.cigm_checkpoint=PATH"
+            )
+        # The generator's path travels with every GECo checkpoint (lineage, evaluation).
+        cfg.geco.cigm_checkpoint = str(generator.resolve())
+    data = data if data is not None else open_data(cfg.data, rt)
+    module, cls = STAGES[name].split(":")
+    stage_cls = getattr(importlib.import_module(module), cls)
+    if name == "geco":
+        return stage_cls(cfg, rt, data, Path(generator))
+    return stage_cls(cfg, rt, data)
+
+
+def train(cfg: Config, name: str, run_dir: str | Path, *, resume: bool = True,
+          on_epoch_end: Callable[[dict[str, Any], Path], None] | None = None,
+          generator: Path | None = None, data=None) -> tuple[Stage, dict[str, Any]]:
+    """Build the stage `name` and fit it into <run_dir>/<name>/ (resuming from its last.pt);
+    returns the trained stage and `fit`'s summary."""
+    rt = start_runtime(cfg)
+    stage = make_stage(name, cfg, rt, Path(run_dir), generator=generator, data=data)
+    return stage, fit(stage, rt, Path(run_dir), resume=resume, on_epoch_end=on_epoch_end)
 
 
 class Progress:
@@ -117,25 +160,34 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+def _epoch_rng(stage: Stage, epoch: int, rt: Runtime):
+    if stage.rng_seed is None:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda"
+                                              else []))
+    torch.manual_seed((stage.rng_seed * 1_000_003 + 7919 * (epoch + 1)) % (2**63 - 1))
+    return stack
+
+
 def fit(
     stage: Stage,
     rt: Runtime,
     run_dir: Path,
-    config: dict[str, Any],
     *,
-    seed: int,
-    num_workers: int = 0,
     resume: bool = True,
-    log_every: int = 20,
     on_epoch_end: Callable[[dict[str, Any], Path], None] | None = None,
 ) -> dict[str, Any]:
-    """Train `stage` for its epochs; returns the final summary (history, best epoch, paths).
+    """Train `stage` for its epochs into <run_dir>/<stage.name>/; returns the summary: history,
+    best epoch, checkpoint paths, the epoch it resumed after (0 = from scratch) and how many
+    epochs this call trained.
 
     `on_epoch_end(record, last_checkpoint)` runs on every rank after rank 0 has written the
-    epoch's checkpoint; an orchestrator (Ray Train) uses it to report.
+    epoch's checkpoint; an orchestrator (Ray Train, Tune, a compare task) uses it to report.
     """
     out = run_dir / stage.name
     last_path, best_path = out / "last.pt", out / "best.pt"
+    config = stage.cfg.to_dict()
     selection = stage.selection()
     history: list[dict[str, Any]] = []
     best: dict[str, Any] = {"epoch": None, "metric": None, "value": None}
@@ -143,48 +195,54 @@ def fit(
 
     if resume and last_path.is_file():
         ckpt = load_checkpoint(last_path)
-        # Sections and keys added since the checkpoint was written take their defaults, so
-        # upgrading geco does not orphan a run.
-        drift = config_drift(with_defaults(ckpt["config"]), config)
-        if stage.name == "cigm":  # GECo's settings do not change what CIGM trains
-            drift = [d for d in drift if not d.startswith("geco.")]
-        if drift:
-            raise GecoError(
-                f"{last_path} was trained with a different config ({', '.join(drift[:5])}); "
+        if ckpt.get("stage") != stage.name:
+            raise GecoError(f"{last_path} holds a {ckpt.get('stage')!r} checkpoint, not "
+                            f"{stage.name!r}: use another run dir")
+        changed = drift(ckpt["config"], config, stage.depends_on)
+        if changed:
+            raise ConfigError(
+                f"{last_path} was trained with a different config ({'; '.join(changed[:5])}); "
                 "use a new --run-dir, or --no-resume to start over"
             )
         stage.load_state_dict(ckpt["state"])
         history, best = ckpt["history"], ckpt["best"]
         start_epoch = ckpt["epoch"] + 1
         if rt.is_main:
-            log.info("[%s] resuming from %s after epoch %d", stage.name, last_path, start_epoch)
+            if start_epoch < stage.epochs:
+                log.info("[%s] resuming from %s after epoch %d", stage.name, last_path,
+                         start_epoch)
+            else:
+                log.info("[%s] %s is complete (%d epochs): nothing to train", stage.name,
+                         last_path, start_epoch)
     if rt.is_main:
         out.mkdir(parents=True, exist_ok=True)
 
-    loader = make_train_loader(stage, rt, seed=seed, num_workers=num_workers)
-    steps = len(loader)
+    steps = len(stage.loader)
     if stage.max_steps_per_epoch:
         steps = min(steps, stage.max_steps_per_epoch)
 
+    t_fit = time.perf_counter()
     for epoch in range(start_epoch, stage.epochs):
-        _set_epoch(loader, epoch)
-        progress = Progress(stage.name, epoch, stage.epochs, steps, rt, log_every)
+        stage.loader.set_epoch(epoch)
+        progress = Progress(stage.name, epoch, stage.epochs, steps, rt, stage.cfg.runtime.log_every)
         skipped = 0
+        batches = iter(stage.loader)  # before the epoch's RNG stream: loaders draw a seed
         t_data = time.perf_counter()
-        for step, batch in enumerate(loader, start=1):
-            if step > steps:
-                break
-            if batch is None:
-                raise DataError(
-                    f"[{stage.name}] every image in a training batch was unreadable "
-                    f"(epoch {epoch + 1}, step {step}); see the warnings above"
-                )
-            skipped += int(batch.pop("skipped", 0))
-            data_time = time.perf_counter() - t_data
-            parts = stage.train_step(batch)
-            n = int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
-            progress.update(step, n, data_time, parts)
-            t_data = time.perf_counter()
+        with _epoch_rng(stage, epoch, rt):
+            for step, batch in enumerate(batches, start=1):
+                if step > steps:
+                    break
+                if batch is None:
+                    raise DataError(
+                        f"[{stage.name}] every image in a training batch was unreadable "
+                        f"(epoch {epoch + 1}, step {step}); see the warnings above"
+                    )
+                skipped += int(batch.pop("skipped", 0))
+                data_time = time.perf_counter() - t_data
+                parts = stage.train_step(batch)
+                n = int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
+                progress.update(step, n, data_time, parts)
+                t_data = time.perf_counter()
 
         train_means = progress.means()
         keys = sorted(train_means)
@@ -193,15 +251,21 @@ def fit(
         train_means = {f"train_{k}": v / rt.world_size
                        for k, v in zip(keys, reduced[:-2], strict=True)}
         skipped_total, samples_total = int(reduced[-2]), int(reduced[-1])
+        diverged = sorted(k for k, v in train_means.items() if not math.isfinite(v))
+        if diverged:
+            raise GecoError(f"[{stage.name}] {', '.join(diverged)} not finite in epoch "
+                            f"{epoch + 1}: training diverged; lower the learning rate")
 
         metrics = stage.end_epoch(epoch, out)
         record: dict[str, Any] = {
             "epoch": epoch + 1,
             **train_means,
             **metrics,
+            "steps": progress.count,
             "samples": samples_total,  # trained on, all ranks
             "skipped_samples": skipped_total,
             "samples_per_s": progress.rate(),
+            "seconds": time.perf_counter() - progress.start,
         }
         improved = _improves(selection, metrics, best)
         if improved:
@@ -232,45 +296,10 @@ def fit(
     return {
         "history": history, "best": best, "last": str(last_path),
         "best_path": str(best_path if best_path.exists() else last_path),
+        "resumed_after_epoch": start_epoch,
+        "epochs_trained": max(0, len(history) - start_epoch),
+        "train_seconds": time.perf_counter() - t_fit,
     }
-
-
-# Settings that may change between a run and its resumption without changing what is trained.
-_VOLATILE = ("runtime.", "eval.", "cluster.", "tracking.", "tune.", "baselines.",
-             "data.num_workers", "cigm.epochs", "geco.epochs", "geco.cigm_checkpoint",
-             "cigm.n_samples")
-
-
-def config_drift(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ, ignoring volatile settings."""
-    out = []
-    for key in sorted(set(old) | set(new)):
-        dotted = prefix + key
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) or isinstance(b, dict):  # key by key; a missing section = {}
-            a = a if isinstance(a, dict) else {}
-            b = b if isinstance(b, dict) else {}
-            out += config_drift(a, b, dotted + ".")
-        elif a != b and not dotted.startswith(_VOLATILE):
-            out.append(f"{dotted}: {a!r} -> {b!r}")
-    return out
-
-
-def start_runtime(cfg: Config) -> Runtime:
-    """Join DDP when launched that way; rank 0 generates the synthetic dataset if configured."""
-    rt = init_runtime(cfg.runtime)
-    if rt.is_main:
-        ensure_synthetic(cfg.data)
-    rt.barrier()
-    return rt
-
-
-def fit_stage(stage: Stage, rt: Runtime, cfg: Config, run_dir: Path, *, resume: bool = True,
-              on_epoch_end: Callable[[dict[str, Any], Path], None] | None = None) -> dict:
-    """`fit` with the run settings taken from the config (saved with every checkpoint)."""
-    return fit(stage, rt, run_dir, cfg.to_dict(), seed=cfg.runtime.seed,
-               num_workers=cfg.data.num_workers, resume=resume,
-               log_every=cfg.runtime.log_every, on_epoch_end=on_epoch_end)
 
 
 def _improves(selection: tuple[str, str] | None, metrics: dict[str, float], best: dict) -> bool:

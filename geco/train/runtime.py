@@ -1,4 +1,5 @@
-"""Process-level runtime: device, distributed rank/world, seeding, autocast, checkpoint files.
+"""Process-level runtime: device, distributed rank/world, seeding, autocast, logging,
+checkpoint files.
 
 DDP-aware without requiring it: when torch.distributed is initialised (torchrun, Ray Train)
 the rank and world size come from it; otherwise this is rank 0 of 1. Only rank 0 writes.
@@ -10,18 +11,43 @@ import contextlib
 import logging
 import os
 import random
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from geco.config import RuntimeConfig
-from geco.errors import ConfigError
+from geco.errors import ConfigError, GecoError
 
 log = logging.getLogger("geco")
+
+
+@dataclass
+class RuntimeConfig:
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    seed: int = 42  # offset by rank in DDP
+    amp: Literal["auto", "bf16", "off"] = "auto"  # auto: bf16 on CUDA
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on CUDA
+    deterministic: bool = False
+    log_every: int = 20  # steps between progress lines
+
+    def validate(self, key: str) -> None:
+        pass  # every value of the right type works (the choices are checked on loading)
+
+
+def setup_logging(rank: int | None = None, *, force: bool = False) -> None:
+    """geco's log lines on stdout (rank 0 at INFO, other ranks WARNING), quiet AWS clients.
+    `force` replaces handlers a host process installed (Ray workers)."""
+    if rank is None:
+        rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
+                        force=force)
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -165,8 +191,6 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    from geco.errors import GecoError
-
     p = Path(path)
     if not p.is_file():
         raise GecoError(f"checkpoint not found: {p}")

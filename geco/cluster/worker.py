@@ -1,0 +1,359 @@
+"""What runs inside Ray: the training worker (the same body for a Ray Train worker and a Ray
+Tune trial), the evaluation + registration task, and the compare task of one baseline, plus
+the Ray checkpoint format they share.
+
+A Ray checkpoint of a stage is its run-dir folder: last.pt (resumable), best.pt (weights
+only), metrics.jsonl, config.yaml and the template grids. A worker trains in a scratch run
+dir with the same loop as `geco train` (geco.train.loop); after every epoch rank 0 packs the
+folder into a checkpoint and every rank reports the epoch's metrics, the parameter digests of
+all ranks included (so "the ranks hold identical weights" is checked every epoch, not
+assumed). On a restart (a worker died, the run name was submitted again, a trial was retried)
+the worker unpacks the checkpoint it is given and the loop resumes after its epoch, so no
+epoch is trained or reported twice.
+
+Ray is imported inside functions only: `import geco` never needs Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from geco.errors import GecoError
+from geco.tracking import Tracker, numeric
+
+if TYPE_CHECKING:  # geco.config composes the cluster sections: imported lazily here
+    from geco.config import Config
+
+log = logging.getLogger("geco")
+
+PACKED = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml")
+
+
+# --- the checkpoint format --------------------------------------------------------------------
+
+def checkpoint_uri(checkpoint) -> str:
+    """A Ray checkpoint's location as a URI users can paste (s3://... or a local path)."""
+    kind = getattr(getattr(checkpoint, "filesystem", None), "type_name", "local")
+    return checkpoint.path if kind == "local" else f"{kind}://{checkpoint.path}"
+
+
+def checkpoint_source(source: Any) -> str:
+    """Where a CIGM source came from, as a string: a path or URI as given, or a Ray
+    checkpoint's URI."""
+    return source if isinstance(source, str) else checkpoint_uri(source)
+
+
+def pack(src: Path, dest: Path) -> None:
+    """The stage folder as a checkpoint: last.pt whole (resuming needs the optimiser state),
+    best.pt without it (only evaluation and registration read it): ~1/3 less to upload."""
+    from geco.train.runtime import save_slim
+
+    dest.mkdir(parents=True)
+    for name in PACKED:
+        if name == "best.pt" and (src / name).is_file():
+            save_slim(src / name, dest / name)
+        elif (src / name).is_file():
+            shutil.copy2(src / name, dest / name)
+    if (src / "samples").is_dir():
+        shutil.copytree(src / "samples", dest / "samples")
+
+
+def unpack(checkpoint, stage: str, work: Path) -> None:
+    """Copy a Ray checkpoint's stage folder into the scratch run dir `work`.
+
+    Downloads into a folder of our own (`to_directory(path)`): `as_directory()` shares one
+    temp folder per checkpoint between the processes of a node and deletes it when the first
+    one is done, so concurrent Tune trials reading the same CIGM checkpoint raced (seen:
+    "Checkpoint directory ... does not exist, even though it should have been created by
+    another process").
+    """
+    work.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"geco-dl-{stage}-", dir=work))
+    try:
+        checkpoint.to_directory(str(tmp))
+        src = tmp / stage
+        if not (src / "last.pt").is_file():
+            raise GecoError(f"checkpoint {checkpoint_uri(checkpoint)} holds no {stage}/last.pt")
+        shutil.copytree(src, work / stage, dirs_exist_ok=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fetch_generator(source: Any, work: Path) -> Path:
+    """The CIGM generator as a local file. `source`: the CIGM stage's Ray checkpoint, a Ray
+    checkpoint folder URI/path (holding cigm/last.pt), or a CIGM .pt file (local or s3://)."""
+    dest = work / "cigm" / "last.pt"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    if not isinstance(source, str):  # a ray.train.Checkpoint
+        unpack(source, "cigm", work)
+        return dest
+    if source.endswith(".pt"):
+        if source.startswith("s3://"):
+            from geco.data.storage import Storage
+
+            parent, name = source.rsplit("/", 1)
+            dest.write_bytes(Storage(parent).get_bytes(name))
+            return dest
+        if not Path(source).is_file():
+            raise GecoError(f"CIGM checkpoint not found: {source}")
+        return Path(source)
+    if "://" in source:
+        import ray.train
+
+        unpack(ray.train.Checkpoint(source), "cigm", work)
+        return dest
+    path = Path(source) / "cigm" / "last.pt"
+    if not path.is_file():
+        raise GecoError(f"no cigm/last.pt under {source}")
+    return path
+
+
+def param_digest(modules) -> str:
+    """sha256 over every parameter of `modules` (in order): equal digests = identical weights."""
+    from geco.train.runtime import unwrap
+
+    h = hashlib.sha256()
+    for module in modules:
+        for name, p in unwrap(module).named_parameters():
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def log_epoch(tracker: Tracker | None, metrics: dict[str, Any], last_path: Path) -> None:
+    """One epoch into MLflow: its metrics at step=epoch and its template grid as a PNG."""
+    if tracker is None:
+        return
+    epoch = int(metrics["epoch"])
+    tracker.log_metrics(metrics, step=epoch)
+    grid = last_path.parent / "samples" / f"epoch_{epoch:03d}.png"
+    if grid.is_file():
+        tracker.log_artifact(grid, "samples")
+
+
+# --- the training worker ----------------------------------------------------------------------
+
+def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
+               report: Callable[[dict[str, Any], Any], None], checkpoint_cls: Any) -> None:
+    """Train `job["stage"]` with `job["config"]` in a scratch run dir, reporting after every
+    epoch through `report(metrics, checkpoint or None)` (rank 0 attaches the checkpoint, made
+    with `checkpoint_cls.from_directory`). `restored`: the checkpoint to resume from, if any.
+
+    job: {"stage", "config", "cigm" (GECo: the generator's source, see fetch_generator),
+    "cigm_uri" (where it came from, recorded as geco.cigm_checkpoint), "mlflow_run_id" (the
+    run to log epochs into, or None), "extra" (values added to every report)}."""
+    import torch.distributed as dist
+
+    from geco.config import config_from_dict, save_config
+    from geco.train.loop import fit, make_stage
+    from geco.train.runtime import init_runtime, setup_logging
+
+    name: str = job["stage"]
+    cfg = config_from_dict(job["config"])
+    setup_logging(rank, force=True)
+    work = Path(tempfile.mkdtemp(prefix=f"geco-{name}-rank{rank}-"))
+    try:
+        if restored is not None:
+            unpack(restored, name, work)
+            log.info("[%s] rank %d restored %s", name, rank, checkpoint_uri(restored))
+        rt = init_runtime(cfg.runtime)
+        generator = None
+        if name == "geco":
+            generator = fetch_generator(job["cigm"], work)
+            cfg.geco.cigm_checkpoint = str(job.get("cigm_uri") or generator)
+        stage = make_stage(name, cfg, rt, work, generator=generator)
+        tracker = None
+        if rank == 0:
+            save_config(cfg, work / name / "config.yaml")
+            tracker = Tracker.attach(cfg.tracking, job.get("mlflow_run_id"))
+
+        def on_epoch_end(record: dict[str, Any], last_path: Path) -> None:
+            mine = param_digest(stage.modules)
+            digests = [mine]
+            if rt.distributed:
+                digests = [None] * rt.world_size
+                dist.all_gather_object(digests, mine)
+            metrics = {**numeric(record), **job.get("extra", {}), "stage": name,
+                       "param_digests": ",".join(digests),
+                       "ranks_in_sync": int(len(set(digests)) == 1)}
+            if rank != 0:
+                report(metrics, None)
+                return
+            log_epoch(tracker, metrics, last_path)
+            with tempfile.TemporaryDirectory(prefix="geco-ckpt-") as d:
+                pack(last_path.parent, Path(d) / name)
+                report(metrics, checkpoint_cls.from_directory(d))
+
+        fit(stage, rt, work, resume=True, on_epoch_end=on_epoch_end)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def train_loop(job: dict[str, Any]) -> None:
+    """Ray Train's train_loop_per_worker for either stage (one DDP rank)."""
+    import ray.train
+
+    cfg = job["config"]
+    if cfg["cluster"]["use_gpu"]:
+        import ray.train.torch
+
+        device = str(ray.train.torch.get_device())
+    else:
+        device = "cpu"
+    job = {**job, "config": {**cfg, "runtime": {**cfg["runtime"], "device": device}}}
+    run_worker(job, rank=ray.train.get_context().get_world_rank(),
+               restored=ray.train.get_checkpoint(), report=ray.train.report,
+               checkpoint_cls=ray.train.Checkpoint)
+
+
+def trial_config(base: dict[str, Any], params: dict[str, Any]) -> Config:
+    """The base config with one trial's GECo hyperparameters, validated (α=β=0 is refused)."""
+    from geco.config import config_from_dict
+
+    tree = {**base, "geco": {**base["geco"], **{k: float(v) for k, v in params.items()}}}
+    return config_from_dict(tree)
+
+
+def tune_trial(params: dict[str, Any], *, base: dict[str, Any], cigm: Any,
+               parent_run_id: str | None) -> None:
+    """Ray Tune's function trainable: one single-process GECo run with the trial's
+    hyperparameters, the same worker body as Ray Train's, reporting after every epoch; with
+    tracking, the trial is a child MLflow run of the sweep."""
+    from ray import tune
+
+    cfg = trial_config(base, params)
+    cfg.runtime.device = "cuda" if cfg.tune.gpus_per_trial > 0 else "cpu"
+    ctx = tune.get_context()
+    tracker = None
+    if parent_run_id and cfg.tracking.enabled:
+        tracker = Tracker.start(cfg.tracking, run_name=ctx.get_trial_name(),
+                                parent_run_id=parent_run_id,
+                                tags={"geco.kind": "trial", "geco.trial_id": ctx.get_trial_id()})
+        tracker.log_config(cfg.to_dict())
+    run_id = tracker.run_id if tracker is not None else None
+    job = {"stage": "geco", "config": cfg.to_dict(), "cigm": cigm,
+           "cigm_uri": checkpoint_source(cigm), "mlflow_run_id": run_id,
+           "extra": {"mlflow_run_id": run_id or ""}}
+    try:
+        run_worker(job, rank=0, restored=tune.get_checkpoint(), report=tune.report,
+                   checkpoint_cls=tune.Checkpoint)
+    except Exception:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
+    # Anything else (Tune stopping the trial) leaves the run to the driver, which closes it.
+    if tracker is not None:
+        tracker.end()
+
+
+# --- the evaluation task ----------------------------------------------------------------------
+
+def finalize(geco_checkpoint: Any, cigm_source: Any, config: dict[str, Any], split: str,
+             mlflow_run_id: str | None = None) -> dict[str, Any]:
+    """Metrics of the best GECo epoch on `split`; with an MLflow run, also log the retriever
+    (pyfunc: generator + GECo weights + the split's embedded catalogue) into that run and
+    register it as a new version with alias "candidate". Runs as a Ray task or in-process."""
+    from geco.config import config_from_dict
+    from geco.data.source import open_data
+    from geco.evaluate import evaluate_checkpoint
+    from geco.train.runtime import setup_logging
+
+    setup_logging(0, force=True)
+    cfg = config_from_dict(config)
+    work = Path(tempfile.mkdtemp(prefix="geco-final-"))
+    try:
+        unpack(geco_checkpoint, "geco", work)
+        best = work / "geco" / "best.pt"
+        path = best if best.is_file() else work / "geco" / "last.pt"
+        generator = fetch_generator(cigm_source, work)
+        data = open_data(cfg.data)
+        ev = evaluate_checkpoint(cfg, path, split, data, generator=generator)
+        out = {"split": split, "dataset": ev["dataset"], "epoch": ev["epoch"], **ev["metrics"]}
+        existing = registered_version(cfg, mlflow_run_id)
+        if existing is not None:  # a resubmitted, already finished job: register nothing new
+            out["model"] = {"version": existing, "existing": True}
+        elif mlflow_run_id and cfg.tracking.enabled:
+            out["model"] = _register(cfg, ev, path, generator, data, split, work, mlflow_run_id)
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def registered_version(cfg: Config, run_id: str | None) -> int | None:
+    """The registered version already made from `run_id`, if any."""
+    if not run_id or not cfg.tracking.enabled:
+        return None
+    from geco.tracking import client, resolve_uri
+
+    found = client(resolve_uri(cfg.tracking)).search_model_versions(
+        f"name='{cfg.tracking.registered_model}' and run_id='{run_id}'")
+    return max((int(v.version) for v in found), default=None)
+
+
+def _register(cfg: Config, ev: dict[str, Any], path: Path, generator: Path, data, split: str,
+              work: Path, run_id: str) -> dict[str, Any]:
+    """Log + register the retriever; slim checkpoints (no optimiser state) go into the model."""
+    from geco.registry import build_catalogue, log_retriever
+    from geco.tracking import resolve_uri
+    from geco.train.runtime import save_slim
+
+    catalogue = work / "catalogue.pt"
+    build_catalogue(ev["retriever"], data, split, catalogue,
+                    image_size=ev["trained_config"]["data"]["image_size"])
+    # The validation metrics of the selected epoch: what the promotion gate compares.
+    ckpt = ev["ckpt"]
+    record = next((h for h in ckpt["history"] if h["epoch"] == ckpt["epoch"] + 1), {})
+    valid = {k: float(v) for k, v in record.items() if k.startswith("valid_")}
+    return log_retriever(
+        run_id, tracking_uri=resolve_uri(cfg.tracking),
+        geco_checkpoint=save_slim(path, work / "geco-retriever.pt"),
+        generator_checkpoint=save_slim(generator, work / "cigm-generator.pt"),
+        catalogue=catalogue, registered_model=cfg.tracking.registered_model, metrics=valid)
+
+
+# --- the compare task of one baseline ---------------------------------------------------------
+
+def baseline_task(name: str, config: dict[str, Any], split: str, root: str) -> dict[str, Any]:
+    """Fit (resume, or load) and evaluate one baseline (geco.compare.run_baseline); its folder
+    is synced to `<root>/<name>/` after every epoch and at the end, and it starts from what
+    that folder holds. Returns its compare.json entry, with storage URLs for the checkpoint
+    and the grids."""
+    from geco.compare import run_baseline
+    from geco.config import config_from_dict
+    from geco.data.source import open_data
+    from geco.data.storage import Storage
+    from geco.train.runtime import setup_logging
+
+    setup_logging(0, force=True)
+    cfg = config_from_dict(config)
+    store = Storage(root)
+    work = Path(tempfile.mkdtemp(prefix=f"geco-compare-{name}-"))
+    try:
+        local = work / name
+        names = store.list(name + "/")
+        for obj in names:  # what an earlier attempt saved
+            dest = local / obj[len(name) + 1:]
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_bytes(store.get_bytes(obj))
+        if names:
+            log.info("compare: %s resumes from %s/%s", name, root, name)
+
+        def sync(*_: Any) -> None:
+            store.sync_dir(local, prefix=name)
+
+        out = run_baseline(name, cfg, work, split, open_data(cfg.data), on_epoch_end=sync)
+        if local.is_dir():
+            sync()
+        if out.get("checkpoint"):
+            out["checkpoint"] = store.url(f"{name}/{Path(out['checkpoint']).name}")
+        if out.get("samples_dir"):
+            out["samples_dir"] = store.url(f"{name}/samples")
+        return out
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
