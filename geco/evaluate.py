@@ -2,7 +2,7 @@
 
 One function, `evaluate`, for every data source (geco.data.source) and every caller
 (validation after each GECo epoch, `geco evaluate`, the Ray evaluation task, `geco compare`).
-Efficient and deterministic (docs/model.md §4, §7):
+Efficient and deterministic (docs/model.md §4.5, §7 items 6-7):
 - every candidate bottom is embedded once (eval-mode BatchNorm makes an embedding a function
   of the image alone), then gathered for positives, negatives and the full-ranking pool (the
   unique positive bottoms of the split);
@@ -151,7 +151,7 @@ def score_rows(queries: torch.Tensor, bottoms: torch.Tensor, order: dict[str, in
                ) -> dict[str, Any]:
     """Every metric from embedded rows: `queries[r]` scores `positives[r]` against
     `negatives[r]`; `bottoms[order[id]]` is an item's embedding. The full-ranking pool is the
-    unique positive bottoms in first-appearance order (docs/model.md §4)."""
+    unique positive bottoms in first-appearance order (docs/model.md §4.1)."""
     pos_idx = torch.tensor([order[b] for b in positives])
     neg_idx = torch.tensor([[order[b] for b in negs] for negs in negatives])
     pos = (queries * bottoms[pos_idx]).sum(-1)

@@ -1,4 +1,4 @@
-"""Retrieval metrics for GECo evaluation (REFERENCE §4): AUC, MRR, Recall@k, NDCG@k.
+"""Retrieval metrics for GECo evaluation (docs/model.md §4): AUC, MRR, Recall@k, NDCG@k.
 
 Scores are dot products, higher = more compatible. Everything is reduced to two integer counts per
 query, ``g`` (other candidates scoring strictly above the positive) and ``t`` (others tied with it),
@@ -10,7 +10,7 @@ so that tie handling is explicit instead of depending on a sort's tie order:
 * ``"pessimistic"``: rank g+t+1.
 
 AUC is always strict (ties are losses, paper Eq. 14) and pooled over all comparisons; the reference
-averages per-batch fractions instead (REFERENCE §7 item 14).
+averages per-batch fractions instead (docs/model.md §7 item 7).
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def full_ranking_metrics(
 def random_expectations(n_candidates: int, ks: Sequence[int] = (1, 10)) -> dict[str, float]:
     """Expected metrics of a random scorer with one positive among n_candidates (rank uniform on 1..N).
 
-    mrr = H_N / N (REFERENCE §4: 0.00764 for FVC's 977, 0.00164 for TB's 5,622), recall_at_k =
+    mrr = H_N / N (docs/model.md §4.3: 0.00764 for FVC's 977, 0.00164 for TB's 5,622), recall_at_k =
     min(k, N) / N, ndcg_at_k = D_min(k,N) / N, auc = 0.5. Used to report "x times random".
     """
     if n_candidates < 1:

@@ -1,4 +1,5 @@
-"""Config: YAML + overrides, typed, unknown keys and impossible settings rejected by name."""
+"""Config: YAML presets on a base + overrides, typed, unknown keys, values outside a field's
+choices and impossible settings rejected by name; what a resume compares."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from geco.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("name", ["synthetic-cpu.yaml", "paper.yaml"])
+@pytest.mark.parametrize("name", ["synthetic-cpu.yaml", "paper.yaml", "mango-dev-gpu.yaml",
+                                  "ablation-no-bpr.yaml", "ablation-no-infonce.yaml"])
 def test_shipped_configs_load(name):
     cfg = load_config(ROOT / "configs" / name)
     assert isinstance(cfg, Config)
@@ -42,6 +44,13 @@ def test_overrides_are_typed_and_nested():
     ("eval.ties=random", "eval.ties"),
     ("geco.selection_metric=loss", "geco.selection_metric"),
     ("geco.betas=[0.5]", "geco.betas"),
+    ("data.on_bad_image=ignore", "data.on_bad_image='ignore': expected one of error, skip"),
+    ("tune.metric=loss", "tune.metric"),
+    ("baselines.bpr_dae.bpr_term=tanh", "baselines.bpr_dae.bpr_term"),
+    ("baselines.mgcm.batch_size=3", "baselines.mgcm.batch_size"),
+    ("baselines.pix2pixcm.image_size=128", "baselines.pix2pixcm.image_size"),
+    ("cluster.num_workers=0", "cluster.num_workers"),
+    ("tracking.on_error=ignore", "tracking.on_error"),
 ])
 def test_bad_values_name_the_setting(override, culprit):
     if culprit is None:
@@ -76,3 +85,38 @@ def test_missing_or_broken_file(tmp_path):
 def test_exponent_without_dot_is_a_number():
     # YAML 1.1 would read 1e-4 as a string; users type it that way.
     assert load_config(None, ["geco.lr=1e-4"]).geco.lr == 1e-4
+
+
+def test_a_preset_builds_on_its_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("geco:\n  tau: 0.5\n  alpha: 0.5\ncigm:\n  epochs: 3\n")
+    (tmp_path / "mid.yaml").write_text("base: base.yaml\ngeco:\n  alpha: 0.9\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\ncigm:\n  epochs: 4\n")
+    cfg = load_config(tmp_path / "top.yaml", ["geco.tau=0.2"])
+    # Later files win key by key; overrides win over every file.
+    assert (cfg.geco.alpha, cfg.geco.tau, cfg.cigm.epochs) == (0.9, 0.2, 4)
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert "base" not in yaml.safe_load((tmp_path / "resolved.yaml").read_text())
+    (tmp_path / "loop.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "orphan.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(tmp_path / "orphan.yaml")
+
+
+def test_drift_compares_what_a_stage_depends_on_and_skips_resumable_fields():
+    from geco.config import drift
+
+    old = load_config(None, ["geco.epochs=2", "data.num_workers=0"]).to_dict()
+    new = load_config(None, ["geco.epochs=9", "data.num_workers=4", "tune.num_samples=3",
+                             "cigm.lambda_l1=5"]).to_dict()
+    # epochs and num_workers are resumable; tune is not what GECo depends on.
+    assert drift(old, new, ("data", "geco")) == []
+    assert drift(old, new, ("data", "cigm", "geco")) == ["cigm.lambda_l1: 100.0 -> 5.0"]
+    # A key missing from an older checkpoint's config takes its default.
+    del old["geco"]["global_negatives"]
+    assert drift(old, new, ("geco",)) == []
+    new["geco"]["global_negatives"] = True
+    assert drift(old, new, ("geco",)) == ["geco.global_negatives: False -> True"]
+    assert drift(old, new, ("baselines.mgcm",)) == []

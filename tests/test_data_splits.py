@@ -1,4 +1,4 @@
-"""Split readers and layouts: the real split files (REFERENCE §1.1), malformed CSVs, pairs.csv."""
+"""Split readers and layouts: the real split files (docs/model.md §1.1), malformed CSVs, pairs.csv."""
 
 from __future__ import annotations
 
@@ -62,12 +62,12 @@ def test_real_ids_stay_strings(real_splits):
     assert all(isinstance(i, str) and i.isdigit() for i in fvc.tops[:50])
     tb = real_splits["FashionTaobao-TB", "valid"]
     assert all(len(i) == 32 and int(i, 16) >= 0 for i in tb.tops[:50] + tb.bottoms[:50])
-    # Top ids never occur as bottom ids (REFERENCE §1.1).
+    # Top ids never occur as bottom ids (docs/model.md §1.1).
     assert not set(fvc.tops) & set(fvc.bottoms)
 
 
 def test_tb_duplicate_negatives_are_allowed(real_splits):
-    # REFERENCE §1.1: 79 (valid) and 81 (test) TB rows repeat an id among their 9 negatives.
+    # docs/model.md §1.1: 79 (valid) and 81 (test) TB rows repeat an id among their 9 negatives.
     for name, expected in (("valid", 79), ("test", 81)):
         negs = real_splits["FashionTaobao-TB", name].negatives
         assert sum(len(set(n)) < len(n) for n in negs) == expected

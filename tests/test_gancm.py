@@ -1,5 +1,5 @@
 """MGCM and Pix2PixCM (docs/model.md §5.3-5.4): network shapes, the two discriminator losses
-and the score's sign (the reference's and ours, docs/model.md §7), the frozen generator in the
+and the score's sign (the reference's and ours, docs/model.md §7 items 11-12), the frozen generator in the
 compatibility step, learning on the small synthetic set, and resumable training."""
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def test_network_shapes_at_64px(f):
         n_gen = _n(MGCMGenerator(64))
         print(f"MGCM generator f=64: {n_gen:,} parameters; GeneratorSkip "
               f"{_n(GeneratorSkip(64)):,}; pants encoder {_n(PantsEncoder(64)):,}")
-        assert 22.0e6 < n_gen < 22.6e6  # 22,297,731 by hand from REFERENCE §5.3
+        assert 22.0e6 < n_gen < 22.6e6  # 22,297,731 by hand from docs/model.md §5.3
         assert 2.7e6 < _n(GlobalDiscriminator(64)) < 2.8e6
 
 

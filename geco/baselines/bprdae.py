@@ -11,7 +11,7 @@ Loss (minimised), over triplets (top, positive, negative):
     + λ·(mean W1² + mean W2² + mean b1² + mean b2² + mean b1′² + mean b2′²)
     − mean hardsigmoid(m_tp − m_tn)          (bpr_term="hardsigmoid", the reference)
     or + mean −logsigmoid(m_tp − m_tn)       (bpr_term="logsigmoid", the original BPR)
-Deviations of the reference from the original BPR-DAE (docs/model.md §7) are kept by
+Deviations of the reference from the original BPR-DAE (docs/model.md §7 item 13) are kept by
 default: hardsigmoid activations and the hardsigmoid "BPR" term.
 
 Training, as the reference: SGD(lr, momentum), `epochs` epochs over the training pairs in
@@ -145,7 +145,7 @@ class TiedAutoencoder(nn.Module):
 def bprdae_loss(top_ae: TiedAutoencoder, bottom_ae: TiedAutoencoder, x_t: Tensor, x_p: Tensor,
                 x_n: Tensor | int, *, mu: float, lam: float,
                 bpr_term: str = "hardsigmoid") -> dict[str, Tensor]:
-    """The BPR-DAE loss of REFERENCE §5.2 on a batch of triplets, and its parts.
+    """The BPR-DAE loss of docs/model.md §5.2 on a batch of triplets, and its parts.
 
     x_t, x_p: [B, D] features of tops and their positive bottoms. x_n: [B, K, D] features of
     K negatives per top, or an int K for the rolled in-batch negatives (row i meets the

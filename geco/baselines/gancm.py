@@ -1,4 +1,4 @@
-"""MGCM and Pix2PixCM (docs/model.md §5): a template generator trained by GAN + L1, and a
+"""MGCM and Pix2PixCM (docs/model.md §5.3): a template generator trained by GAN + L1, and a
 compatibility model (pants encoder E + BPRNet) trained by BPR on top of the generator's frozen
 features. The two share everything but the generator and discriminator (`geco.models.gancm`),
 so one config, one stage of geco.train.loop and one scorer serve both.
@@ -9,14 +9,14 @@ Score of a (top t, bottom b) pair, used in training (BPR) and in the scorer:
 
 s_t = BPRNet.top(generator top embedding of t: MGCM `enc`, Pix2PixCM `e5`), s_b =
 BPRNet.bottom(E(b)), d1(t) the generator's template embedding. sign = +1 with
-`faithful=True` (the reference, docs/model.md §7: a farther template scores higher), −1
+`faithful=True` (the reference, docs/model.md §7 item 12: a farther template scores higher), −1
 otherwise.
 
 Per training iteration (B tops, each with `n_negatives` rolled in-batch negatives):
 
 1. D step on Ĝ = G(t) (generator in train mode):
    default: ν·½·(MSE(D(t, Ĝ.detach()), 0) + MSE(D(t, b), 1));
-   faithful (docs/model.md §7, the reference's misplaced parenthesis):
+   faithful (docs/model.md §7 item 11, the reference's misplaced parenthesis):
    ν·½·MSE(D(t, Ĝ).detach(), 0 + ½·MSE(D(t, b), 1)) — no gradient through the fake
    prediction; D is only asked to make ½·MSE(D(real), 1) match its fake predictions.
 2. G step, a new forward Ĝ = G(t): μ·½·MSE(D(t, Ĝ), 1) + λ_L1·mean|Ĝ − b|.
@@ -72,7 +72,7 @@ N_GRID = 8  # training pairs in the per-epoch template grid
 class GanCMConfig:
     """MGCM and Pix2PixCM (sections baselines.mgcm, baselines.pix2pixcm), at 64 px."""
 
-    image_size: int = 64  # the networks are defined for 64 px (docs/model.md §5)
+    image_size: int = 64  # the networks are defined for 64 px (docs/model.md §5.3)
     features: int = 64  # first conv width; filters f,2f,4f,8f,8f,8f (the reference: 64)
     emb_dim: int = 128
     alpha: float = 1.0  # weight of the dot-product term of the score
@@ -87,7 +87,7 @@ class GanCMConfig:
     batch_size: int = 420
     n_negatives: int = 3  # rolled in-batch negatives per top
     # True reproduces the reference's discriminator loss (its misplaced parenthesis) and
-    # template term +beta·L1 (a larger distance scores higher; docs/model.md §7). False (the
+    # template term +beta·L1 (a larger distance scores higher; docs/model.md §7 items 11-12). False (the
     # default) trains D on real -> 1, fake -> 0 and scores -beta·L1 (closer = better).
     faithful: bool = False
     max_steps_per_epoch: int = resumable(0)  # 0 = full epoch; >0 caps steps (smoke runs)
@@ -95,7 +95,7 @@ class GanCMConfig:
 
     def validate(self, key: str) -> None:
         require(self.image_size == 64, f"{key}.image_size", self.image_size,
-                "the MGCM / Pix2PixCM networks are defined for 64 px inputs (docs/model.md §5)")
+                "the MGCM / Pix2PixCM networks are defined for 64 px inputs (docs/model.md §5.3)")
         for name in ("features", "emb_dim", "epochs", "n_negatives"):
             at_least(f"{key}.{name}", getattr(self, name), 1)
         at_least(f"{key}.batch_size", self.batch_size, self.n_negatives + 1,
@@ -231,7 +231,7 @@ class GanCMModel:
 
     # ---- training
     def gan_step(self, top: Tensor, bottom: Tensor) -> dict[str, Tensor]:
-        """One D step and one G step (REFERENCE §5.3 steps 1-2). Returns the loss terms
+        """One D step and one G step (docs/model.md §5.3, training step parts 1-2). Returns the loss terms
         unweighted (before ν, μ, λ_L1): d_loss, g_adv (½·MSE(D(t, Ĝ), 1)), g_l1."""
         c = self.cfg
         g, d = self.generator, self.discriminator
@@ -255,7 +255,7 @@ class GanCMModel:
         return {"d_loss": d_loss.detach(), "g_adv": adv.detach(), "g_l1": l1.detach()}
 
     def compat_step(self, top: Tensor, bottom: Tensor) -> Tensor:
-        """One BPR step of E + BPRNet on fixed generator features (§5.3 step 3)."""
+        """One BPR step of E + BPRNet on fixed generator features (docs/model.md §5.3, training step part 3)."""
         self.generator.eval()
         try:
             with torch.no_grad(), self._autocast():

@@ -1,9 +1,9 @@
 """The scorer interface every baseline implements, its evaluation, and the two untrained
-baselines of REFERENCE §5.1: Random and Popularity.
+baselines of docs/model.md §5.1: Random and Popularity.
 
 A *scorer* rates (top, bottom) pairs by id, higher = more compatible; unlike GECo it needs no
 embedding space. `evaluate_scorer` turns its scores into exactly the metrics (and keys) of
-`geco.evaluate.score_rows`, under the protocol of REFERENCE §4:
+`geco.evaluate.score_rows`, under the protocol of docs/model.md §4.1:
 
 - sampled metrics: each row's positive against its `neg_*` columns (AUC-1vs1 on neg_1,
   AUC-1vs3 on neg_1..3, MRR-1vs9 on neg_1..9; `geco.metrics.sampled_metrics`);
@@ -22,7 +22,7 @@ then the pool matrix chunk by chunk), so a seed gives the same numbers every tim
 probability ~0 (53-bit draws). Expected values: AUC 0.5, MRR-1vsK H_{K+1}/(K+1) (0.2929 for
 1-vs-9), full MRR H_U/U.
 
-**Popularity** (`PopularityScorer`): REFERENCE §5.1 / the paper: "score = number of tops
+**Popularity** (`PopularityScorer`): docs/model.md §5.1 / the paper: "score = number of tops
 associated with the bottom" (following Song et al.). Exactly: score(b) = the number of
 *distinct* tops t such that (t, b) is a row of the training split; a pair listed twice
 counts once (the paper's train files hold unique pairs, where this equals the number of
@@ -69,7 +69,7 @@ KS = (1, 10)  # Recall@k / NDCG@k reported, as geco.metrics.full_ranking_metrics
 
 @runtime_checkable
 class Scorer(Protocol):
-    """A compatibility model scored by item ids (REFERENCE §5 baselines).
+    """A compatibility model scored by item ids (docs/model.md §5 baselines).
 
     - `name`: the model's short name (the key in `geco.compare.MODELS`).
     - `fit(train)`: learn from the training split (a no-op for Random); image-based scorers

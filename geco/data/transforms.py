@@ -1,4 +1,4 @@
-"""Image transforms, conversions between the two input spaces (docs/model.md §1.4, §7), and
+"""Image transforms, conversions between the two input spaces (docs/model.md §1.4, §7 item 1), and
 the PNG grids runs log (template | top | bottom pictures).
 
 GECo's ResNet sees ImageNet-normalised tensors; CIGM (the generator) is trained on [-1,1].

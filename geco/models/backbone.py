@@ -1,8 +1,8 @@
 """Frozen-or-trained image feature extractors and where their weights come from.
 
-- ResNet-18 (512-d): GECo's backbone, shared by tops, templates and bottoms (docs/model.md §3);
+- ResNet-18 (512-d): GECo's backbone, shared by tops, templates and bottoms (docs/model.md §3.1);
   BPR-DAE's frozen features when AlexNet's weights are not available.
-- AlexNet fc7 (4096-d): BPR-DAE's frozen features, as in the paper (docs/model.md §5).
+- AlexNet fc7 (4096-d): BPR-DAE's frozen features, as in the paper (docs/model.md §5.2).
 
 Weights never come from the network implicitly: ImageNet weights are used only when
 torchvision's file is already in the torch hub cache (`<torch.hub.get_dir()>/checkpoints/`,

@@ -3,7 +3,7 @@ noise and the PatchGAN critic (docs/model.md §2, exactly at 128 px / features=6
 reference's unused `down6`), the adversarial + λ·L1 losses, the training stage run by
 geco.train.loop, and the template grids.
 
-Per step (§2.3): one generator draw; a discriminator step on (real, detached fake); then a
+Per step (docs/model.md §2.3): one generator draw; a discriminator step on (real, detached fake); then a
 generator step with adversarial + λ·L1 against the just-updated discriminator. No epoch
 selection: the generator after the last epoch is the one GECo uses (`cigm/last.pt`).
 """
@@ -84,7 +84,7 @@ class Generator(nn.Module):
     At image_size=128, features=f the encoder maps are d1..d6 with widths f, 2f, 4f, 8f, 8f, 8f
     (spatial 64 … 2), a bottleneck conv takes d6 to 8f×1×1, the noise z (noise_dim×1×1) is
     concatenated in front of it, and six up blocks (dropout on the first two) plus a final
-    transposed conv mirror the encoder with U-Net skips. This is REFERENCE §2.1 without the
+    transposed conv mirror the encoder with U-Net skips. This is docs/model.md §2.1 without the
     never-called `down6`.
 
     Other sizes (a power of two >= 16): the encoder has log2(image_size) - 1 maps, halving down
@@ -163,7 +163,7 @@ class Generator(nn.Module):
 
 
 class PatchDiscriminator(nn.Module):
-    """PatchGAN critic D(top, bottom) -> patch logits (REFERENCE §2.2; 8×8 for 128 px inputs).
+    """PatchGAN critic D(top, bottom) -> patch logits (docs/model.md §2.2; 8×8 for 128 px inputs).
 
     `padding=0` (the reference) needs inputs of at least 68 px; `build_cigm` switches to
     pix2pix's padding 1 below 128 px so the 64 px CPU config still gets a 6×6 patch.

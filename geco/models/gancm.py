@@ -1,4 +1,4 @@
-"""The networks of the MGCM (REFERENCE §5.3) and Pix2PixCM (§5.4) baselines, at 64 px.
+"""The networks of the MGCM (docs/model.md §5.3) and Pix2PixCM (§5.4) baselines, at 64 px.
 
 Everything is parameterised by the first conv width f (the reference: f = 64), so the
 filters are f, 2f, 4f, 8f, 8f, 8f. Inputs are 3×64×64 in [-1, 1].
@@ -216,8 +216,8 @@ class BPRNet(nn.Module):
 
 def compat_score(s_t: Tensor, s_b: Tensor, d1: Tensor, e_b: Tensor, *, alpha: float,
                  beta: float, faithful: bool) -> Tensor:
-    """m = α·⟨s_t, s_b⟩ + sign·β·Σ|d1 − E(b)|, sign = +1 when `faithful` (the reference, §7
-    item 10: a farther template scores higher), else −1 (closer = more compatible).
+    """m = α·⟨s_t, s_b⟩ + sign·β·Σ|d1 − E(b)|, sign = +1 when `faithful` (the reference,
+    docs/model.md §7 item 12: a farther template scores higher), else −1 (closer = more compatible).
 
     s_t/s_b [..., emb_dim]; d1/e_b [..., C, H, W] or already flattened [..., D]; leading dims
     broadcast. Returns [...]."""

@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from geco.config import Config
     from geco.data.source import FolderData, ShardData
 
-Regulariser = Literal["reference", "paper"]  # docs/model.md §3: the code's term | Eq. 13
+Regulariser = Literal["reference", "paper"]  # docs/model.md §3.2: the code's term | Eq. 13
 REGULARISERS: tuple[str, ...] = typing.get_args(Regulariser)
 # Validation metrics that can pick the best epoch (all "higher is better").
 SelectionMetric = Literal["auc_1vs3", "auc_1vs1", "mrr_1vs9", "mrr_full", "recall_at_1",
@@ -42,7 +42,7 @@ SelectionMetric = Literal["auc_1vs3", "auc_1vs1", "mrr_1vs9", "mrr_full", "recal
 @dataclass
 class GECoConfig:
     emb_dim: int = 128
-    # Loss weights; defaults are the authors' README's (docs/model.md §6).
+    # Loss weights; defaults are the authors' README's (docs/model.md §6.4).
     alpha: float = 0.25
     beta: float = 0.75
     gamma: float = 0.01
@@ -56,7 +56,8 @@ class GECoConfig:
     batch_size: int = 64
     # Validation metric that picks the best epoch.
     selection_metric: SelectionMetric = "auc_1vs3"
-    # True reproduces the reference's normalisation mismatch around the generator (§7).
+    # True reproduces the reference's normalisation mismatch around the generator
+    # (docs/model.md §7 item 1).
     faithful: bool = False
     # InfoNCE over all ranks' positives (global batch) instead of the local batch (paper).
     global_negatives: bool = False
@@ -184,7 +185,7 @@ def _frob_over_rows(t: Tensor) -> Tensor:
 
 
 def reference_regulariser(embeddings: Sequence[Tensor], params: Iterable[Tensor]) -> Tensor:
-    """The reference's term (docs/model.md §3): Σ_E ||E||_F / B + Σ_W ||W||_F / W.shape[0]
+    """The reference's term (docs/model.md §3.2): Σ_E ||E||_F / B + Σ_W ||W||_F / W.shape[0]
     (not squared; no γ)."""
     terms = [_frob_over_rows(t) for t in embeddings] + [_frob_over_rows(w) for w in params]
     if not terms:
@@ -215,7 +216,7 @@ def geco_loss(
 ) -> tuple[Tensor, dict[str, float]]:
     """α·BPR(rolled negative) + β·InfoNCE(τ) + γ·REG; terms with weight 0 are skipped (logged 0).
 
-    The negative of row i is the positive of row i-1 (docs/model.md §3).
+    The negative of row i is the positive of row i-1 (docs/model.md §3.3).
     """
     validate_geco_loss(alpha, beta, gamma, tau)  # a few float checks; guards direct callers
     if reg not in REGULARISERS:
