@@ -6,7 +6,7 @@ CONFIG ?= configs/synthetic-cpu.yaml
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: venv demo sweep compare compare-cluster demo-torch demo-local stop test lint bench gpu-smoke clean
+.PHONY: venv demo sweep compare compare-cluster demo-torch demo-local stop test test-fast lint bench gpu-smoke clean
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -89,6 +89,12 @@ stop:
 test: venv
 	$(VENV)/bin/ruff check geco ray_jobs tests bench scripts
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The quick loop while developing: lint and every test that starts no service and is not
+# marked slow (no S3 server, MLflow server or Ray head; a few minutes on 2 cores).
+test-fast: venv
+	$(VENV)/bin/ruff check geco ray_jobs tests bench scripts
+	$(VENV)/bin/pytest -m "not integration and not slow" $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check geco ray_jobs tests bench scripts

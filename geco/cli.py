@@ -14,9 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from geco import setup_logging
 from geco.config import Config, load_config, save_config
 from geco.errors import GecoError
-from geco.train.runtime import setup_logging
 
 log = logging.getLogger("geco")
 

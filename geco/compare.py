@@ -193,7 +193,7 @@ def assemble(cfg: Config, split: str, results: dict[str, dict[str, Any]],
                         f"(queries, candidates): {sorted(sizes)}")
     n_queries, n_candidates = sizes.pop()
     return {
-        "dataset": cfg.data.shards or cfg.data.root,
+        "dataset": cfg.data.location,
         "dataset_name": _dataset_name(cfg),
         "split": split,
         "ties": cfg.eval.ties,
@@ -206,9 +206,8 @@ def assemble(cfg: Config, split: str, results: dict[str, dict[str, Any]],
 
 
 def _dataset_name(cfg: Config) -> str:
-    if cfg.data.shards:
-        return cfg.data.shards.rstrip("/").rsplit("/", 1)[-1] or cfg.data.shards
-    return Path(cfg.data.root).name
+    where = cfg.data.location
+    return where.rstrip("/").rsplit("/", 1)[-1] or where
 
 
 # --------------------------------------------------------------------------- MLflow

@@ -134,7 +134,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, split: str, data=No
     rt = init_runtime(cfg.runtime)
     retriever, ckpt = load_retriever(checkpoint, rt.device, generator_path=generator)
     trained = ckpt["config"]
-    here = cfg.data.shards or cfg.data.root
+    here = cfg.data.location
     there = trained["data"].get("shards") or trained["data"]["root"]
     if here != there:
         log.warning("GECo checkpoint %s was trained on %s, evaluated on %s", checkpoint, there,

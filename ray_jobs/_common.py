@@ -31,8 +31,8 @@ def load(args):
 
 def run(main) -> None:
     """Run `main()`; a geco error ends the job with one clear message and exit status 2."""
+    from geco import setup_logging
     from geco.errors import GecoError
-    from geco.train.runtime import setup_logging
 
     setup_logging()
     try:

@@ -5,7 +5,8 @@
     python ray_jobs/promote.py show
 
 Model name, gate metric, margin and tracking URI default to the config's `tracking` section
-(tracking.uri, else $MLFLOW_TRACKING_URI, else runs/mlflow.db). Needs no Ray cluster.
+(tracking.uri, else $MLFLOW_TRACKING_URI, else runs/mlflow.db; `tracking.*` overrides). Needs
+no Ray cluster, nor torch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--config", help="YAML config (see configs/)")
     common.add_argument("--model", help="registered model (default: tracking.registered_model)")
     common.add_argument("--tracking-uri", help="MLflow tracking URI (default: tracking.uri)")
-    common.add_argument("overrides", nargs="*", help="section.key=value overrides")
+    common.add_argument("overrides", nargs="*", help="tracking.key=value overrides")
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     pr = sub.add_parser("promote", parents=[common], help="run the gate on one version")
@@ -46,10 +47,11 @@ def show(versions: list[dict], name: str, uri: str) -> None:
 def main() -> None:
     args = build_parser().parse_args()
     from geco import registry
-    from geco.config import load_config
-    from geco.tracking import check_reachable, resolve_uri
+    from geco.settings import load_section
+    from geco.tracking import TrackingConfig, check_reachable, resolve_uri
 
-    cfg = load_config(args.config, args.overrides).tracking
+    # The tracking section alone: the gate needs neither torch nor the models.
+    cfg = load_section(args.config, args.overrides, "tracking", TrackingConfig)
     uri = args.tracking_uri or resolve_uri(cfg)
     check_reachable(uri)  # an http server that does not answer: one clear line, not a retry loop
     name = args.model or cfg.registered_model

@@ -120,3 +120,26 @@ def test_drift_compares_what_a_stage_depends_on_and_skips_resumable_fields():
     new["geco"]["global_negatives"] = True
     assert drift(old, new, ("geco",)) == ["geco.global_negatives: False -> True"]
     assert drift(old, new, ("baselines.mgcm",)) == []
+
+
+def test_one_section_is_read_without_the_models():
+    """ray_jobs/promote.py reads the tracking section alone: no torch import, and overrides of
+    other sections are refused rather than silently ignored."""
+    import subprocess
+    import sys
+
+    from geco.settings import load_section
+    from geco.tracking import TrackingConfig
+
+    code = ("import sys; from geco.settings import load_section; "
+            "from geco.tracking import TrackingConfig; "
+            "c = load_section('configs/synthetic-cpu.yaml', ['tracking.gate_margin=0.25'], "
+            "'tracking', TrackingConfig); "
+            "print(c.gate_margin, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60)
+    assert out.stdout.split() == ["0.25", "False"], out.stderr
+    with pytest.raises(ConfigError, match="only tracking"):
+        load_section(None, ["geco.tau=0.5"], "tracking", TrackingConfig)
+    with pytest.raises(ConfigError, match="tracking.on_error"):
+        load_section(None, ["tracking.on_error=maybe"], "tracking", TrackingConfig)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import DataLoader
 
-from geco.data.datasets import EvalDataset, ItemDataset, PairDataset, collate_skip
+from geco.data.datasets import ItemDataset, PairDataset, QueryDataset, collate_skip
 from geco.data.images import ImageFolder, preflight
 from geco.data.splits import Split, load_splits, read_split_csv, resolve_layout
 from geco.data.transforms import imagenet_transform
@@ -93,16 +93,14 @@ def test_datasets_error_mode_names_image_and_line(folder, tmp_path):
     assert item["top"].shape == item["bottom"].shape == (3, S, S) and item["index"] == 0
     with pytest.raises(DataError, match=r"corrupt\.jpg \(referenced by .*test\.csv:4\)"):
         pairs[2]
-    ev = EvalDataset(split, folder, tf, n_negatives=2)
-    assert ev[0]["negatives"].shape == (2, 3, S, S)
-    # Row 2 has `trunc` as neg_2: only read (and reported) when 2+ negatives are used.
-    assert EvalDataset(split, folder, tf, n_negatives=1)[1]["negatives"].shape == (1, 3, S, S)
-    with pytest.raises(DataError, match=r"trunc\.jpg \(referenced by .*test\.csv:3\)"):
-        ev[1]
-    with pytest.raises(DataError, match="has 3 negatives per row, 4 requested"):
-        EvalDataset(split, folder, tf, n_negatives=4)
-    with pytest.raises(DataError, match="has 0 negatives"):
-        EvalDataset(_split(tmp_path, ["g0,g1"], negs=False), folder, tf, n_negatives=1)
+    queries = QueryDataset(split, folder, tf)
+    q = queries[1]  # the query side only: its `trunc` negative is an id here, not read
+    assert q["top"].shape == (3, S, S) and q["index"] == 1
+    assert (q["bottom_id"], q["negatives"]) == ("g1", ["g2", "trunc", "g4"])
+    with pytest.raises(DataError, match=r"corrupt\.jpg \(referenced by .*test\.csv:4\)"):
+        queries[2]
+    with pytest.raises(DataError, match="evaluation needs neg_"):
+        QueryDataset(_split(tmp_path, ["g0,g1"], negs=False), folder, tf)
     items = ItemDataset(["g0", "gone"], folder, tf, contexts=["catalog row 1", "catalog row 2"])
     assert items[0]["image"].shape == (3, S, S)
     with pytest.raises(DataError, match=r"gone\.jpg \(referenced by catalog row 2\)"):
@@ -114,10 +112,8 @@ def test_datasets_error_mode_names_image_and_line(folder, tmp_path):
 def test_datasets_skip_mode(folder, tmp_path):
     tf = imagenet_transform(S)
     split = _split(tmp_path, ["g0,g1,g2,g3,g4", "gone,g1,g2,g3,g4", "g0,g1,g2,g3,corrupt"])
-    assert PairDataset(split, folder, tf, on_bad_image="skip")[1] is None
-    ev = EvalDataset(split, folder, tf, n_negatives=3, on_bad_image="skip")
-    assert [ev[i] is None for i in range(3)] == [False, True, True]
-    assert EvalDataset(split, folder, tf, n_negatives=2, on_bad_image="skip")[2] is not None
+    pairs = PairDataset(split, folder, tf, on_bad_image="skip")
+    assert [pairs[i] is None for i in range(3)] == [False, True, False]
     items = ItemDataset(["g0", "trunc"], folder, tf, on_bad_image="skip")
     assert items[1] is None and items[0]["index"] == 0
 
@@ -136,14 +132,14 @@ def test_dataloader_workers_skip_counts_add_up(folder, tmp_path):
     bad = {1: "gone", 6: "corrupt", 7: "trunc", 13: "gone", 22: "trunc"}
     rows = [f"{bad.get(r, GOOD[r % 12])},g1,g2,g3,g4" for r in range(24)]
     split = _split(tmp_path, rows)
-    ds = EvalDataset(split, folder, imagenet_transform(S), n_negatives=3, on_bad_image="skip")
+    ds = PairDataset(split, folder, imagenet_transform(S), on_bad_image="skip")
     loader = DataLoader(ds, batch_size=4, num_workers=2, collate_fn=collate_skip)
     batches = list(loader)
     assert all(b is not None for b in batches)
     assert sum(b["skipped"] for b in batches) == len(bad)
     seen = sorted(i for b in batches for i in b["index"].tolist())
     assert seen == [r for r in range(24) if r not in bad]
-    assert batches[0]["negatives"].shape == (3, 3, 3, S, S)
+    assert batches[0]["top"].shape == (3, 3, S, S)
 
 
 def test_dataloader_workers_error_mode_raises_data_error(folder, tmp_path):
@@ -169,8 +165,10 @@ def test_mango_dev_images(shared_data):
     for split in splits.values():
         assert preflight(split, images) == (split, 0)
     test = splits["test"]
-    ds = EvalDataset(test, images, imagenet_transform(64), n_negatives=9)
+    tf = imagenet_transform(64)
+    queries = QueryDataset(test, images, tf)
     for i in (0, len(test) - 1):
-        item = ds[i]
-        assert item["top"].shape == (3, 64, 64) and item["negatives"].shape == (9, 3, 64, 64)
-        assert torch.isfinite(item["negatives"]).all()
+        item = queries[i]
+        negatives = ItemDataset(item["negatives"], images, tf)
+        assert item["top"].shape == (3, 64, 64) and len(negatives) == 9
+        assert all(torch.isfinite(negatives[k]["image"]).all() for k in range(9))

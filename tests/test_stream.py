@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from geco.data.datasets import EvalDataset, ItemDataset, PairDataset
+from geco.data.datasets import ItemDataset, PairDataset, QueryDataset
 from geco.data.images import ImageFolder
 from geco.data.shards import ShardSpec, write_shards
 from geco.data.splits import load_splits, resolve_layout
@@ -153,7 +153,7 @@ def test_eval_and_catalogue_streams(data):
     assert sorted(_indices(batches)) == list(range(len(test)))
     b = batches[0]
     assert b["negatives"][0] == list(test.negatives[0])
-    want = EvalDataset(test, images, TF, n_negatives=9)[0]
+    want = QueryDataset(test, images, TF)[0]
     assert (b["top"][0] - want["top"]).abs().mean() < 0.05
     cat = _run(_stream(root, "catalogue-test", rank=0, world_size=1), workers=0)
     ids = [i for c in cat for i in c["id"]]

@@ -307,6 +307,10 @@ class BPRDAEStage:
         self._feats: Tensor | None = None  # [unique training ids, feature_dim]
         self._active: list[float] = []
 
+    @property
+    def modules(self) -> list[nn.Module]:
+        return [self.top_ae, self.bottom_ae]
+
     @torch.no_grad()
     def features(self, x: Tensor) -> Tensor:
         """Frozen features [B, feature_dim] (fp32) of a batch of transformed images."""

@@ -329,6 +329,11 @@ class GanCMStage:
         self.model = GanCMModel(self.kind, c, rt=rt)
         self._grid: tuple[Tensor, Tensor] | None = None
 
+    @property
+    def modules(self) -> list[nn.Module]:
+        m = self.model
+        return [m.generator, m.discriminator, m.encoder, m.bprnet]
+
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]:
         self.model.train()
         top, bottom = self.rt.to_device(batch["top"]), self.rt.to_device(batch["bottom"])

@@ -53,17 +53,6 @@ from geco.metrics import (
     sampled_metrics,
 )
 
-__all__ = [
-    "PopularityScorer",
-    "RandomScorer",
-    "Scorer",
-    "evaluate_scorer",
-    "metrics_from_counts",
-    "pool_counts",
-    "pool_scores",
-    "score_metrics",
-]
-
 KS = (1, 10)  # Recall@k / NDCG@k reported, as geco.metrics.full_ranking_metrics' default
 
 
@@ -72,19 +61,18 @@ class Scorer(Protocol):
     """A compatibility model scored by item ids (docs/model.md §5 baselines).
 
     - `name`: the model's short name (the key in `geco.compare.MODELS`).
-    - `fit(train)`: learn from the training split (a no-op for Random); image-based scorers
-      get their image folder and output folder from their factory (geco.compare).
     - `score(tops, candidates)`: `candidates[r]` is row r's list of bottom ids, all rows of
       equal length K; returns a float tensor [len(tops), K], higher = more compatible.
 
     Optional fast path: `score_pool(tops, pool) -> [len(tops), len(pool)]`, the same scores
     as `score(tops, [pool] * len(tops))`; `pool_scores` uses it when present (an
     embedding-based scorer embeds the pool once there).
+
+    Random and Popularity also `fit(train)` on the training split; the image baselines train
+    as stages of geco.train.loop and hand out their scorer once trained (`stage.scorer`).
     """
 
     name: str
-
-    def fit(self, train: Split) -> None: ...
 
     def score(self, tops: list[str], candidates: list[list[str]]) -> Tensor: ...
 

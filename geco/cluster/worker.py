@@ -150,9 +150,10 @@ def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
     run to log epochs into, or None), "extra" (values added to every report)}."""
     import torch.distributed as dist
 
+    from geco import setup_logging
     from geco.config import config_from_dict, save_config
     from geco.train.loop import fit, make_stage
-    from geco.train.runtime import init_runtime, setup_logging
+    from geco.train.runtime import init_runtime
 
     name: str = job["stage"]
     cfg = config_from_dict(job["config"])
@@ -259,10 +260,10 @@ def finalize(geco_checkpoint: Any, cigm_source: Any, config: dict[str, Any], spl
     """Metrics of the best GECo epoch on `split`; with an MLflow run, also log the retriever
     (pyfunc: generator + GECo weights + the split's embedded catalogue) into that run and
     register it as a new version with alias "candidate". Runs as a Ray task or in-process."""
+    from geco import setup_logging
     from geco.config import config_from_dict
     from geco.data.source import open_data
     from geco.evaluate import evaluate_checkpoint
-    from geco.train.runtime import setup_logging
 
     setup_logging(0, force=True)
     cfg = config_from_dict(config)
@@ -324,11 +325,11 @@ def baseline_task(name: str, config: dict[str, Any], split: str, root: str) -> d
     is synced to `<root>/<name>/` after every epoch and at the end, and it starts from what
     that folder holds. Returns its compare.json entry, with storage URLs for the checkpoint
     and the grids."""
+    from geco import setup_logging
     from geco.compare import run_baseline
     from geco.config import config_from_dict
     from geco.data.source import open_data
     from geco.data.storage import Storage
-    from geco.train.runtime import setup_logging
 
     setup_logging(0, force=True)
     cfg = config_from_dict(config)

@@ -1,1 +1,2 @@
-"""Datasets: split readers, image loading, synthetic outfits, transforms."""
+"""Data: split files, images by id, the synthetic default, shards (writer, S3 storage, streaming
+reader), transforms, and `source.open_data`, the one way in for every consumer."""

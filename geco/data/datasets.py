@@ -79,44 +79,6 @@ class PairDataset(_Base):
         }
 
 
-class EvalDataset(_Base):
-    """Eval rows: {"top", "bottom", "negatives" (Kx3xSxS, first K of the row), "index"}."""
-
-    def __init__(
-        self,
-        split: Split,
-        images: ImageSource,
-        transform: Transform,
-        *,
-        n_negatives: int,
-        on_bad_image: OnBad = "error",
-    ) -> None:
-        super().__init__(images, transform, on_bad_image)
-        if n_negatives < 1:
-            raise ConfigError(f"n_negatives must be >= 1, got {n_negatives}")
-        if split.n_negatives < n_negatives:
-            raise DataError(
-                f"{split.source}: split {split.name!r} has {split.n_negatives} negatives per row, "
-                f"{n_negatives} requested"
-            )
-        self.split = split
-        self.n_negatives = n_negatives
-
-    def __len__(self) -> int:
-        return len(self.split)
-
-    def _item(self, index: int) -> dict[str, Any]:
-        s, where = self.split, self.split.where(index)
-        assert s.negatives is not None  # checked in __init__
-        negs = s.negatives[index][: self.n_negatives]
-        return {
-            "top": self._img(s.tops[index], where),
-            "bottom": self._img(s.bottoms[index], where),
-            "negatives": torch.stack([self._img(n, where) for n in negs]),
-            "index": index,
-        }
-
-
 class QueryDataset(_Base):
     """The query side of eval rows: {"top", "index", "bottom_id", "negatives"} (ids only for
     the bottoms: every candidate is embedded once, by `ItemDataset`). Batch with

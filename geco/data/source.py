@@ -71,6 +71,11 @@ class DataConfig:
     synthetic: bool = False
     synth: SynthSpec = field(default_factory=SynthSpec)
 
+    @property
+    def location(self) -> str:
+        """Where the data are read from: the shards when set, else the dataset folder."""
+        return self.shards or self.root
+
     def validate(self, key: str) -> None:
         size = self.image_size
         require(size >= 16 and not size & (size - 1), f"{key}.image_size", size,

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from geco.config import drift
+from geco.data.source import open_data
 from geco.errors import ConfigError, DataError, GecoError
+from geco.models.geco import cigm_path
 from geco.train.runtime import Runtime, init_runtime, load_checkpoint, save_checkpoint
 
 if TYPE_CHECKING:
@@ -59,6 +61,7 @@ class Stage(Protocol):
     # stream seeded from (rng_seed, epoch), so a resumed run trains exactly like an
     # uninterrupted one.
     rng_seed: int | None
+    modules: list[torch.nn.Module]  # the trained networks (a Ray worker digests their weights)
 
     def train_step(self, batch: dict[str, Any]) -> dict[str, float]: ...
 
@@ -73,23 +76,14 @@ class Stage(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-def start_runtime(cfg: Config) -> Runtime:
-    """Join DDP when launched that way (torchrun, Ray Train); device and seeds per rank."""
-    return init_runtime(cfg.runtime)
-
-
 def make_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, *,
                generator: Path | None = None, data=None) -> Stage:
     """The stage `name` on the configured data (opened here unless given). GECo trains with
     the generator file `generator` (a Ray worker's download; geco.cigm_checkpoint then names
     where it came from), else geco.cigm_checkpoint, else <run_dir>/cigm/last.pt."""
-    from geco.data.source import open_data
-
     if name not in STAGES:
         raise GecoError(f"unknown model {name!r} to train (known: {', '.join(STAGES)})")
     if name == "geco" and generator is None:
-        from geco.models.geco import cigm_path
-
         generator = cigm_path(cfg, run_dir)
         if not generator.is_file():
             raise GecoError(
@@ -111,7 +105,7 @@ def train(cfg: Config, name: str, run_dir: str | Path, *, resume: bool = True,
           generator: Path | None = None, data=None) -> tuple[Stage, dict[str, Any]]:
     """Build the stage `name` and fit it into <run_dir>/<name>/ (resuming from its last.pt);
     returns the trained stage and `fit`'s summary."""
-    rt = start_runtime(cfg)
+    rt = init_runtime(cfg.runtime)  # joins DDP when launched that way (torchrun, Ray Train)
     stage = make_stage(name, cfg, rt, Path(run_dir), generator=generator, data=data)
     return stage, fit(stage, rt, Path(run_dir), resume=resume, on_epoch_end=on_epoch_end)
 

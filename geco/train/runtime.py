@@ -1,5 +1,4 @@
-"""Process-level runtime: device, distributed rank/world, seeding, autocast, logging,
-checkpoint files.
+"""Process-level runtime: device, distributed rank/world, seeding, autocast, checkpoint files.
 
 DDP-aware without requiring it: when torch.distributed is initialised (torchrun, Ray Train)
 the rank and world size come from it; otherwise this is rank 0 of 1. Only rank 0 writes.
@@ -11,7 +10,6 @@ import contextlib
 import logging
 import os
 import random
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -36,18 +34,6 @@ class RuntimeConfig:
 
     def validate(self, key: str) -> None:
         pass  # every value of the right type works (the choices are checked on loading)
-
-
-def setup_logging(rank: int | None = None, *, force: bool = False) -> None:
-    """geco's log lines on stdout (rank 0 at INFO, other ranks WARNING), quiet AWS clients.
-    `force` replaces handlers a host process installed (Ray workers)."""
-    if rank is None:
-        rank = int(os.environ.get("RANK", "0"))
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout,
-                        force=force)
-    for noisy in ("botocore", "boto3", "s3transfer", "urllib3"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
