@@ -87,18 +87,27 @@ def test_killed_worker_resumes_and_nothing_is_counted_twice(ray_head, s3_env, sy
     _shard(synth_small, shards, 64)
     storage = tmp_path / "ray"
     run = storage / "kill-cigm"
-    # synth_small: 384 training pairs; global batch 2 x 16 -> 12 steps per epoch.
+    # synth_small: 384 training pairs; global batch 2 x 4 -> 48 steps (several seconds) per
+    # epoch, so the kill below lands inside an epoch.
     env = ray_head.runtime_env(tmp_path / "runtime_env.json", s3_env.profile_env)
     args = ["ray_jobs/train_cigm.py", "--name", "kill",
-            *tiny.args("data.image_size=64", "cigm.epochs=3", f"data.shards={shards}",
-                       f"cluster.storage_path={storage}", "cluster.max_failures=1",
-                       "cluster.num_to_keep=0")]
+            *tiny.args("data.image_size=64", "cigm.epochs=3", "cigm.batch_size=4",
+                       f"data.shards={shards}", f"cluster.storage_path={storage}",
+                       "cluster.max_failures=1", "cluster.num_to_keep=0")]
     log = tmp_path / "job.log"
     job = ray_head.start(env, log, *args)
-    # Once epoch 1's checkpoint is in storage, a worker process dies (SIGKILL, as on a lost
-    # node): in epoch 2 of 3.
-    ray_head.kill_training_worker(
-        lambda: any((d / "cigm" / "last.pt").is_file() for d in run.glob("checkpoint_*")))
+
+    def epoch_1_registered() -> bool:
+        # Ray Train has taken epoch 1's report and checkpoint (a report not yet collected
+        # when the group dies is lost with it, and that epoch is trained again).
+        try:
+            snap = json.loads((run / "checkpoint_manager_snapshot.json").read_text())
+        except (OSError, ValueError):
+            return False
+        return bool(snap.get("checkpoint_results"))
+
+    # Then a worker process dies (SIGKILL, as on a lost node): in epoch 2 of 3.
+    ray_head.kill_training_worker(epoch_1_registered)
     proc = ray_head.finish(job, log)
     assert proc.returncode == 0, _job_failed(proc)
     out = proc.stdout + proc.stderr

@@ -140,9 +140,9 @@ def log_epoch(tracker: Tracker | None, metrics: dict[str, Any], last_path: Path)
 # --- the training worker ----------------------------------------------------------------------
 
 def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
-               report: Callable[[dict[str, Any], Any], None], checkpoint_cls: Any) -> None:
+               report: Callable[..., None], checkpoint_cls: Any) -> None:
     """Train `job["stage"]` with `job["config"]` in a scratch run dir, reporting after every
-    epoch through `report(metrics, checkpoint or None)` (rank 0 attaches the checkpoint, made
+    epoch through `report(metrics, checkpoint=...)` (rank 0 attaches the checkpoint, made
     with `checkpoint_cls.from_directory`). `restored`: the checkpoint to resume from, if any.
 
     job: {"stage", "config", "cigm" (GECo: the generator's source, see fetch_generator),
@@ -184,12 +184,12 @@ def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
                        "param_digests": ",".join(digests),
                        "ranks_in_sync": int(len(set(digests)) == 1)}
             if rank != 0:
-                report(metrics, None)
+                report(metrics, checkpoint=None)
                 return
             log_epoch(tracker, metrics, last_path)
             with tempfile.TemporaryDirectory(prefix="geco-ckpt-") as d:
                 pack(last_path.parent, Path(d) / name)
-                report(metrics, checkpoint_cls.from_directory(d))
+                report(metrics, checkpoint=checkpoint_cls.from_directory(d))
 
         fit(stage, rt, work, resume=True, on_epoch_end=on_epoch_end)
     finally:

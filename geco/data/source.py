@@ -143,7 +143,11 @@ class FolderData:
         return str(self.split(split).source)
 
     def n_rows(self, split: str) -> int:
-        return len(self.split(split))
+        """The rows of an evaluation split (one with negatives)."""
+        s = self.split(split)
+        if s.negatives is None:
+            raise DataError(f"{s.source}: evaluation needs neg_* columns")
+        return len(s)
 
     def train_loader(self, transform: Transform, *, rt: Runtime, batch_size: int, seed: int,
                      num_workers: int) -> Loader:
@@ -168,7 +172,7 @@ class FolderData:
         splits, images = self.splits((split,))
         s = splits[split]
         ids: dict[str, str] = {}
-        for r, (b, negs) in enumerate(zip(s.bottoms, s.negatives or (), strict=True)):
+        for r, (b, negs) in enumerate(zip(s.bottoms, s.negatives, strict=True)):
             for item in (b, *negs):
                 ids.setdefault(item, s.where(r))
         items = ItemDataset(list(ids), images, transform, contexts=list(ids.values()))

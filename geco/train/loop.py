@@ -102,11 +102,11 @@ def make_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, *,
 
 def train(cfg: Config, name: str, run_dir: str | Path, *, resume: bool = True,
           on_epoch_end: Callable[[dict[str, Any], Path], None] | None = None,
-          generator: Path | None = None, data=None) -> tuple[Stage, dict[str, Any]]:
-    """Build the stage `name` and fit it into <run_dir>/<name>/ (resuming from its last.pt);
-    returns the trained stage and `fit`'s summary."""
+          data=None) -> tuple[Stage, dict[str, Any]]:
+    """Build the stage `name` (on `data` when given, else the configured data) and fit it
+    into <run_dir>/<name>/, resuming from its last.pt; returns the stage and `fit`'s summary."""
     rt = init_runtime(cfg.runtime)  # joins DDP when launched that way (torchrun, Ray Train)
-    stage = make_stage(name, cfg, rt, Path(run_dir), generator=generator, data=data)
+    stage = make_stage(name, cfg, rt, Path(run_dir), data=data)
     return stage, fit(stage, rt, Path(run_dir), resume=resume, on_epoch_end=on_epoch_end)
 
 
@@ -154,14 +154,15 @@ def _fmt_seconds(s: float) -> str:
     return f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
+@contextlib.contextmanager
 def _epoch_rng(stage: Stage, epoch: int, rt: Runtime):
+    """The epoch's own RNG stream when the stage asks for one; the process RNG is restored."""
     if stage.rng_seed is None:
-        return contextlib.nullcontext()
-    stack = contextlib.ExitStack()
-    stack.enter_context(torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda"
-                                              else []))
-    torch.manual_seed((stage.rng_seed * 1_000_003 + 7919 * (epoch + 1)) % (2**63 - 1))
-    return stack
+        yield
+        return
+    with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
+        torch.manual_seed((stage.rng_seed * 1_000_003 + 7919 * (epoch + 1)) % (2**63 - 1))
+        yield
 
 
 def fit(
