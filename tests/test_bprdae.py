@@ -20,12 +20,6 @@ from geco.models.backbone import ALEXNET_IMAGENET_FILE
 from geco.train.loop import fit, make_stage
 from geco.train.runtime import init_runtime
 
-# Small and fast: 32 px, GECo's random-init ResNet-18 as the frozen extractor, on the CPU.
-FAST = ["runtime.device=cpu", "runtime.log_every=1000", "geco.backbone.weights=random",
-        "geco.backbone.allow_random_init=true", "baselines.bpr_dae.features=backbone",
-        "baselines.bpr_dae.image_size=32"]
-
-
 # --------------------------------------------------------------------------- loss by hand
 
 
@@ -195,7 +189,7 @@ def test_alexnet_fc7_from_a_weights_file(alexnet_file, tmp_path):
         frozen_extractor(cfg)
 
 
-def test_alexnet_imagenet_missing_raises_and_auto_falls_back(tmp_path, monkeypatch):
+def test_alexnet_imagenet_missing_raises_and_auto_falls_back(tiny, tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     expected = tmp_path / "torch" / "hub" / "checkpoints" / ALEXNET_IMAGENET_FILE
     cfg = load_config(None, ["baselines.bpr_dae.features=alexnet"])
@@ -208,7 +202,7 @@ def test_alexnet_imagenet_missing_raises_and_auto_falls_back(tmp_path, monkeypat
         frozen_extractor(load_config(None, ["baselines.bpr_dae.features=auto"]))
     assert str(expected) in str(err.value) and "resnet18-f37072fd.pth" in str(err.value)
 
-    cfg = load_config(None, FAST[:4] + ["baselines.bpr_dae.features=auto"])
+    cfg = tiny(None, "runtime.device=cpu", "baselines.bpr_dae.features=auto")
     state = torch.get_rng_state()
     module, dim, desc = frozen_extractor(cfg)
     assert torch.equal(torch.get_rng_state(), state)  # seeded on the side
@@ -223,9 +217,10 @@ def test_alexnet_imagenet_missing_raises_and_auto_falls_back(tmp_path, monkeypat
 # --------------------------------------------------------------------------- training
 
 
-def _stage(root: Path, run: Path, overrides: list[str]):
-    """(BPR-DAE stage for run dir `run`, runtime, train/test splits, images)."""
-    cfg = load_config(None, FAST + [f"data.root={root}", "data.kind=standard", *overrides])
+def _stage(tiny, root: Path, run: Path, overrides: list[str]):
+    """(BPR-DAE stage for run dir `run`, runtime, train/test splits, images): the tiny
+    config (32 px, GECo's random-init ResNet-18 as the frozen extractor) on the CPU."""
+    cfg = tiny(root, "runtime.device=cpu", *overrides)
     data = open_data(cfg.data)
     rt = init_runtime(cfg.runtime)
     splits, images = data.splits(("train", "test"))
@@ -235,10 +230,10 @@ def _stage(root: Path, run: Path, overrides: list[str]):
 KEYS = ("auc_1vs1", "auc_1vs3", "mrr_full_vs_random")
 
 
-def test_learns_the_synthetic_compatibility(synth_small, tmp_path):
+def test_learns_the_synthetic_compatibility(tiny, synth_small, tmp_path):
     # Random-init ResNet features at 32 px differ little between items; the reference's
     # lr 0.01 learns nothing in a few hundred steps (measured: AUC ~0.5), lr 1.0 does.
-    stage, rt, splits, images = _stage(synth_small, tmp_path, [
+    stage, rt, splits, images = _stage(tiny, synth_small, tmp_path, [
         "baselines.bpr_dae.hidden=64", "baselines.bpr_dae.batch_size=32",
         "baselines.bpr_dae.lr=1.0", "baselines.bpr_dae.epochs=30"])
     before = evaluate_scorer(stage.scorer(images), splits["test"])
@@ -274,13 +269,13 @@ def test_learns_the_synthetic_compatibility(synth_small, tmp_path):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_resume_continues_and_refuses_another_config(synth_small, tmp_path, monkeypatch):
+def test_resume_continues_and_refuses_another_config(tiny, synth_small, tmp_path, monkeypatch):
     small = ["baselines.bpr_dae.hidden=16", "baselines.bpr_dae.batch_size=64"]
-    stage, rt, _, _ = _stage(synth_small, tmp_path, small + ["baselines.bpr_dae.epochs=2"])
+    stage, rt, _, _ = _stage(tiny, synth_small, tmp_path, small + ["baselines.bpr_dae.epochs=2"])
     first = fit(stage, rt, tmp_path)
     assert [h["epoch"] for h in first["history"]] == [1, 2]
 
-    second_stage, rt, splits, images = _stage(synth_small, tmp_path,
+    second_stage, rt, splits, images = _stage(tiny, synth_small, tmp_path,
                                               small + ["baselines.bpr_dae.epochs=3"])
     second = fit(second_stage, rt, tmp_path)
     assert [h["epoch"] for h in second["history"]] == [1, 2, 3]
@@ -288,7 +283,7 @@ def test_resume_continues_and_refuses_another_config(synth_small, tmp_path, monk
     assert second["resumed_after_epoch"] == 2 and second["epochs_trained"] == 1
 
     # The same config again: nothing to train, not even features to extract.
-    third_stage, rt, _, _ = _stage(synth_small, tmp_path, small + ["baselines.bpr_dae.epochs=3"])
+    third_stage, rt, _, _ = _stage(tiny, synth_small, tmp_path, small + ["baselines.bpr_dae.epochs=3"])
 
     def no_extract(ids):
         raise AssertionError("a complete checkpoint must not re-extract features")
@@ -303,7 +298,7 @@ def test_resume_continues_and_refuses_another_config(synth_small, tmp_path, monk
         evaluate_scorer(third_stage.scorer(images), splits["test"])["auc_1vs3"],
         evaluate_scorer(second_stage.scorer(images), splits["test"])["auc_1vs3"])
 
-    other, rt, _, _ = _stage(synth_small, tmp_path, ["baselines.bpr_dae.hidden=32",
+    other, rt, _, _ = _stage(tiny, synth_small, tmp_path, ["baselines.bpr_dae.hidden=32",
                                                      "baselines.bpr_dae.batch_size=64",
                                                      "baselines.bpr_dae.epochs=3"])
     with pytest.raises(ConfigError, match="baselines.bpr_dae.hidden"):

@@ -18,7 +18,6 @@ from geco.baselines.gancm import (
     discriminator_loss,
     generator_loss,
 )
-from geco.config import load_config
 from geco.data.source import open_data
 from geco.data.splits import load_splits, resolve_layout
 from geco.errors import ConfigError
@@ -150,25 +149,23 @@ def test_score_sign_and_dot_term():
         assert ((s_far > s_near) if faithful else (s_far < s_near)).all()
 
 
-def _cfg(root: Path, kind: str = "mgcm", *extra: str):
-    return load_config(None, ["runtime.device=cpu", "data.num_workers=0", f"data.root={root}",
-                              "data.kind=standard", f"baselines.{kind}.features=8",
-                              f"baselines.{kind}.batch_size=16", f"baselines.{kind}.lr=1e-3",
-                              *extra])
+def _cfg(tiny, root: Path, kind: str = "mgcm", *extra: str):
+    """The tiny config (width 8, batch 16) with lr 1e-3 for `kind`, on the CPU."""
+    return tiny(root, "runtime.device=cpu", f"baselines.{kind}.lr=1e-3", *extra)
 
 
-def _train(root: Path, run: Path, *extra: str):
+def _train(tiny, root: Path, run: Path, *extra: str):
     """(trained MGCM stage, fit summary, scorer) in run dir `run`."""
-    cfg = _cfg(root, "mgcm", *extra)
+    cfg = _cfg(tiny, root, "mgcm", *extra)
     data = open_data(cfg.data)
     stage, summary = train(cfg, "mgcm", run, data=data)
     return stage, summary, stage.scorer(data.splits(("train",))[1])
 
 
 @pytest.mark.parametrize("faithful", [False, True])
-def test_scorer_paths_agree_with_the_training_score(synth_small, tmp_path, faithful):
+def test_scorer_paths_agree_with_the_training_score(tiny, synth_small, tmp_path, faithful):
     """score (match), score_pool (matmul + cdist) and the training-time score are one score."""
-    cfg = _cfg(synth_small, "pix2pixcm", f"baselines.pix2pixcm.faithful={faithful}",
+    cfg = _cfg(tiny, synth_small, "pix2pixcm", f"baselines.pix2pixcm.faithful={faithful}",
                "baselines.pix2pixcm.beta=0.3")
     data = open_data(cfg.data)
     stage = make_stage("pix2pixcm", cfg, init_runtime(cfg.runtime), tmp_path, data=data)
@@ -227,11 +224,11 @@ def test_compat_step_changes_only_encoder_and_bprnet():
 # --------------------------------------------------------------------------- learning
 
 
-def test_mgcm_learns_the_synthetic_rule(synth_small, tmp_path):
+def test_mgcm_learns_the_synthetic_rule(tiny, synth_small, tmp_path):
     """f=8, 4 epochs of 24 steps (batch 16, lr 1e-3): measured AUC-1vs1 0.81, AUC-1vs3 0.80,
     MRR-full 0.125 (random 0.052) at seed 0; seeds 1-3 gave AUC-1vs3 0.79, 0.62, 0.77.
     Chance is AUC 0.5; the bars leave margin for other CPUs / torch builds."""
-    stage, summary, scorer = _train(synth_small, tmp_path, "baselines.mgcm.epochs=4")
+    stage, summary, scorer = _train(tiny, synth_small, tmp_path, "baselines.mgcm.epochs=4")
     test = load_splits(resolve_layout(synth_small), splits=("test",))["test"]
     m = evaluate_scorer(scorer, test)
     history = summary["history"]
@@ -247,16 +244,16 @@ def test_mgcm_learns_the_synthetic_rule(synth_small, tmp_path):
 # --------------------------------------------------------------------------- resume
 
 
-def test_resume_refit_config_drift_and_grids(synth_small, tmp_path):
+def test_resume_refit_config_drift_and_grids(tiny, synth_small, tmp_path):
     steps = "baselines.mgcm.max_steps_per_epoch=2"
     run = tmp_path / "run"
     samples = run / "mgcm" / "samples"
-    _, one, _ = _train(synth_small, run, steps, "baselines.mgcm.epochs=1")
+    _, one, _ = _train(tiny, synth_small, run, steps, "baselines.mgcm.epochs=1")
     assert one["epochs_trained"] == 1 and len(one["history"]) == 1
     assert one["last"] == str(run / "mgcm" / "last.pt") and Path(one["last"]).is_file()
     assert sorted(p.name for p in samples.iterdir()) == ["epoch_001.png"]
 
-    two_stage, two, two_scorer = _train(synth_small, run, steps, "baselines.mgcm.epochs=2")
+    two_stage, two, two_scorer = _train(tiny, synth_small, run, steps, "baselines.mgcm.epochs=2")
     assert two["epochs_trained"] == 1 and two["resumed_after_epoch"] == 1
     assert [h["epoch"] for h in two["history"]] == [1, 2]
     assert two["history"][0] == one["history"][0]
@@ -264,7 +261,7 @@ def test_resume_refit_config_drift_and_grids(synth_small, tmp_path):
     assert sorted(p.name for p in samples.iterdir()) == ["epoch_001.png", "epoch_002.png"]
 
     # Resuming trains exactly what an uninterrupted run trains (CPU, fixed seeds).
-    straight, _, straight_scorer = _train(synth_small, tmp_path / "straight", steps,
+    straight, _, straight_scorer = _train(tiny, synth_small, tmp_path / "straight", steps,
                                           "baselines.mgcm.epochs=2")
     a = two_stage.model.state_dict()["generator"]
     b = straight.model.state_dict()["generator"]
@@ -273,10 +270,10 @@ def test_resume_refit_config_drift_and_grids(synth_small, tmp_path):
     assert torch.equal(two_scorer.score_pool(ids, ids[:3]), straight_scorer.score_pool(ids, ids[:3]))
 
     # The same config again: nothing to train, the saved model is loaded.
-    _, again, again_scorer = _train(synth_small, run, steps, "baselines.mgcm.epochs=2")
+    _, again, again_scorer = _train(tiny, synth_small, run, steps, "baselines.mgcm.epochs=2")
     assert again["epochs_trained"] == 0 and len(again["history"]) == 2
     assert torch.equal(again_scorer.score_pool(ids, ids[:3]), two_scorer.score_pool(ids, ids[:3]))
 
     # Another model in the same folder is refused, naming the key.
     with pytest.raises(ConfigError, match="features"):
-        _train(synth_small, run, steps, "baselines.mgcm.epochs=2", "baselines.mgcm.features=4")
+        _train(tiny, synth_small, run, steps, "baselines.mgcm.epochs=2", "baselines.mgcm.features=4")

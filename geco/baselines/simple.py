@@ -148,7 +148,7 @@ def score_metrics(pos: Tensor, neg: Tensor, pool: Tensor, pos_index: Tensor, *,
 @torch.no_grad()
 def evaluate_scorer(scorer: Scorer, split: Split, *, ties: str = "expected",
                     chunk_size: int = 512) -> dict[str, Any]:
-    """Every metric of `geco.evaluate.evaluate_split` for a scorer on a valid/test split."""
+    """Every metric of `geco.evaluate.evaluate` for a scorer on a valid/test split."""
     _check_ties(ties)
     if split.negatives is None:
         raise ValueError(f"{split.source}: evaluation needs neg_* columns")
