@@ -49,3 +49,20 @@ def test_global_batches_do_not_depend_on_world_size():
 def test_too_few_samples_for_the_ranks():
     with pytest.raises(ValueError, match="ranks"):
         EpochBatchSampler(3, 4, world_size=2)
+
+
+@pytest.mark.parametrize("n, b, world", [(10, 3, 1), (17, 4, 2), (16, 4, 2)])
+def test_drop_last_keeps_full_batches_only(n, b, world):
+    """Models whose in-batch negatives need full batches: every batch has exactly b samples
+    on every rank, no sample twice, and at most b x world - 1 samples sit out an epoch."""
+    per_rank = []
+    for rank in range(world):
+        s = EpochBatchSampler(n, b, rank=rank, world_size=world, seed=1, drop_last=True)
+        batches = list(s)
+        assert len(batches) == len(s) == n // (b * world)
+        assert all(len(batch) == b for batch in batches)
+        per_rank.append([i for batch in batches for i in batch])
+    seen = [i for r in per_rank for i in r]
+    assert len(seen) == len(set(seen)) and n - len(seen) < b * world
+    with pytest.raises(ValueError, match="no full batch"):
+        EpochBatchSampler(3, 4, drop_last=True)

@@ -284,3 +284,38 @@ def test_cigm_resume_ignores_geco_settings_but_not_its_own(tiny, trained, synth_
     assert [h["epoch"] for h in summary["history"]] == [1]  # nothing retrained
     with pytest.raises(GecoError, match="cigm.lambda_l1"):
         train_cigm(tiny(synth_small, "cigm.lambda_l1=10"), copy)
+
+
+def test_a_diverging_stage_stops_with_the_culprit_named(tiny, tmp_path):
+    """The loop refuses to checkpoint an epoch whose training loss is not finite."""
+    from geco.baselines.base import RowDataset
+    from geco.data.source import batch_loader
+    from geco.train.loop import fit
+    from geco.train.runtime import init_runtime
+
+    class Diverging:
+        name, epochs, max_steps_per_epoch, depends_on, rng_seed = "toy", 2, 0, (), None
+        modules: list = []
+
+        def __init__(self):
+            self.cfg = tiny(None)
+            self.loader = batch_loader(RowDataset(8), batch_size=4)
+
+        def train_step(self, batch):
+            return {"loss": float("nan"), "acc": 0.5}
+
+        def end_epoch(self, epoch, out_dir):
+            return {}
+
+        def selection(self):
+            return None
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    with pytest.raises(GecoError, match="train_loss not finite in epoch 1"):
+        fit(Diverging(), init_runtime(tiny(None).runtime), tmp_path)
+    assert not (tmp_path / "toy" / "last.pt").exists()

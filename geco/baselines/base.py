@@ -28,7 +28,7 @@ Transform = Callable[[Image.Image], Tensor]
 
 class RowDataset(Dataset):
     """Row numbers 0..n-1 as {"row": i}: batches of training rows for a model that trains
-    on precomputed features (BPR-DAE), shuffled by geco.data.datasets.batch_loader."""
+    on precomputed features (BPR-DAE), shuffled by geco.data.source.batch_loader."""
 
     def __init__(self, n: int) -> None:
         self.n = n

@@ -48,8 +48,8 @@ from geco.baselines.base import (
     encode_ids,
     rolled_negatives,
 )
-from geco.data.datasets import batch_loader
 from geco.data.images import ImageSource
+from geco.data.source import batch_loader
 from geco.data.transforms import imagenet_transform
 from geco.errors import ConfigError, WeightsError
 from geco.models.backbone import (

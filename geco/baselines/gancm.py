@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from geco.baselines.base import EmbeddingScorer, Transform, check_full_batch, rolled_negatives
-from geco.data.datasets import PairDataset, batch_loader
+from geco.data.datasets import PairDataset
 from geco.data.images import ImageSource
+from geco.data.source import batch_loader
 from geco.data.transforms import denormalize_gan, gan_transform, save_rows
 from geco.models.gancm import build_gancm, compat_score
 from geco.settings import (

@@ -1,10 +1,5 @@
-"""torch Datasets over splits and the loader every map-style dataset is batched with.
-
-A bad image either raises DataError or, in "skip" mode, makes `__getitem__` return None, which
-`collate_skip` drops and counts (never silently). `batch_loader` batches a dataset with
-`EpochBatchSampler` (every sample once per epoch, equal steps on every DDP rank) and returns a
-`Loader`, the object a training stage iterates whatever the data source (a shard stream
-comes back as a `Loader` too, from geco.data.source)."""
+"""torch Datasets over splits. A bad image either raises DataError or, in "skip" mode, makes
+`__getitem__` return None, which `collate_skip` drops and counts (never silently)."""
 
 from __future__ import annotations
 
@@ -15,10 +10,9 @@ from typing import Any
 import torch
 from PIL import Image
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import Dataset, default_collate
 
 from geco.data.images import ON_BAD, ImageSource, OnBad, check_choice
-from geco.data.sampler import EpochBatchSampler
 from geco.data.splits import Split
 from geco.errors import ConfigError, DataError
 
@@ -155,33 +149,3 @@ def collate_rows(batch: list[dict[str, Any]]) -> dict[str, Any]:
         else:
             out[key] = values
     return out
-
-
-class Loader:
-    """Batches of one split for one rank, reshuffled by `set_epoch` (open_clip's DataInfo):
-    what the training loop iterates, whichever source made it."""
-
-    def __init__(self, loader: DataLoader, shuffler: Any) -> None:
-        self.loader, self._shuffler = loader, shuffler
-
-    def set_epoch(self, epoch: int) -> None:
-        self._shuffler.set_epoch(epoch)
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        return iter(self.loader)
-
-
-def batch_loader(dataset: Dataset, *, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, num_workers: int = 0, drop_last: bool = False,
-                 pin_memory: bool = False) -> Loader:
-    """Shuffled batches of a map-style dataset: the same global batches for any world size,
-    each rank taking its share (geco.data.sampler); bad items counted by `collate_skip`."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size,
-                                seed=seed, drop_last=drop_last)
-    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                        collate_fn=collate_skip, pin_memory=pin_memory,
-                        persistent_workers=num_workers > 0)
-    return Loader(loader, sampler)

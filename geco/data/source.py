@@ -10,7 +10,8 @@ returns an object that serves every consumer the same way, whatever the source (
 
 Both give:
 - `train_loader(...)`: the training pairs {"top", "bottom"} as a `Loader` (every pair once per
-  epoch across DDP ranks and loader workers, equal batches per rank);
+  epoch across DDP ranks and loader workers, equal batches per rank; `batch_loader` makes one
+  for any map-style dataset, e.g. a baseline's);
 - `queries(split, ...)` / `candidates(split, ...)`: batches of an evaluation split's rows (top
   image, row index, positive id, negative ids) and of its candidate bottoms (each once), which
   `geco.evaluate.evaluate` and the registry's catalogue embed;
@@ -28,18 +29,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from geco.data.datasets import (
     ItemDataset,
-    Loader,
     PairDataset,
     QueryDataset,
     Transform,
-    batch_loader,
     collate_rows,
+    collate_skip,
 )
 from geco.data.images import ImageFolder, OnBad, ShardImages, preflight
+from geco.data.sampler import EpochBatchSampler
 from geco.data.splits import Split, load_splits, resolve_layout
 from geco.data.synth import SynthSpec, ensure
 from geco.errors import DataError
@@ -82,6 +83,36 @@ class DataConfig:
                 "must be a power of two >= 16 (U-Net depth)")
         at_least(f"{key}.n_negatives", self.n_negatives, 3, "AUC-1vs3 needs 3 negatives")
         at_least(f"{key}.num_workers", self.num_workers, 0)
+
+
+class Loader:
+    """Batches of one split for one rank, reshuffled by `set_epoch` (open_clip's DataInfo):
+    what the training loop iterates, whichever source made it."""
+
+    def __init__(self, loader: DataLoader, shuffler: Any) -> None:
+        self.loader, self._shuffler = loader, shuffler
+
+    def set_epoch(self, epoch: int) -> None:
+        self._shuffler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def batch_loader(dataset: Dataset, *, batch_size: int, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, num_workers: int = 0, drop_last: bool = False,
+                 pin_memory: bool = False) -> Loader:
+    """Shuffled batches of a map-style dataset: the same global batches for any world size,
+    each rank taking its share (geco.data.sampler); bad items counted by `collate_skip`."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size,
+                                seed=seed, drop_last=drop_last)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                        collate_fn=collate_skip, pin_memory=pin_memory,
+                        persistent_workers=num_workers > 0)
+    return Loader(loader, sampler)
 
 
 def open_data(cfg: DataConfig, rt: Runtime | None = None) -> FolderData | ShardData:

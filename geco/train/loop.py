@@ -34,7 +34,7 @@ from geco.train.runtime import Runtime, init_runtime, load_checkpoint, save_chec
 
 if TYPE_CHECKING:
     from geco.config import Config
-    from geco.data.datasets import Loader
+    from geco.data.source import Loader
 
 log = logging.getLogger("geco")
 
