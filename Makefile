@@ -5,6 +5,9 @@ PY := $(VENV)/bin/python
 CONFIG ?= configs/synthetic-cpu.yaml
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
+# pytest-xdist processes for `make test` (each module's tests stay in one process, the longest
+# modules start first: tests/conftest.py); 0 runs everything in one process.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo sweep compare compare-cluster demo-torch demo-local stop test test-fast lint bench gpu-smoke clean
 
@@ -88,13 +91,14 @@ stop:
 # Lint, then every test that needs no GPU (GPU tests skip themselves without CUDA).
 test: venv
 	$(VENV)/bin/ruff check geco ray_jobs tests bench scripts
-	$(VENV)/bin/pytest $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
 
 # The quick loop while developing: lint and every test that starts no service and is not
 # marked slow (no S3 server, MLflow server or Ray head; a few minutes on 2 cores).
 test-fast: venv
 	$(VENV)/bin/ruff check geco ray_jobs tests bench scripts
-	$(VENV)/bin/pytest -m "not integration and not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder \
+	  -m "not integration and not slow" $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check geco ray_jobs tests bench scripts

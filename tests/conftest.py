@@ -18,6 +18,15 @@ SMALL_SPEC = SynthSpec(
 )
 
 
+# Under pytest-xdist every worker gets its share of the cores: torch's default (one thread per
+# core in every process) oversubscribes the CPU and runs several times slower.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    import torch
+
+    _threads = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+    torch.set_num_threads(_threads)
+
 # The smallest run that still trains every model on the CPU in seconds: 32 px, one epoch per
 # stage, narrow networks, a random-init backbone, quiet progress. Tests add what they vary.
 TINY = [
@@ -76,16 +85,29 @@ def synth_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+# The modules that take minutes (measured with `pytest --durations=40`), longest first: under
+# pytest-xdist they start first, so the short modules fill the other worker around them instead
+# of one long module starting last and running alone.
+LONGEST_FIRST = ["test_ray_tune", "test_ray_train", "test_learning", "test_compare", "test_ddp",
+                 "test_registry", "test_train"]
+
+
+@pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    """`gpu` tests skip themselves on machines without CUDA (CI, laptops)."""
+    """`gpu` tests skip themselves on machines without CUDA (CI, laptops). Under pytest-xdist
+    (`make test`: `-n 2 --dist loadgroup --no-loadscope-reorder`) a module's tests stay in one
+    worker, so its session and module fixtures start once there, and the longest modules are
+    handed out first."""
     import torch
 
-    if torch.cuda.is_available():
-        return
     skip = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip)
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.module.__name__.rpartition(".")[2],
+                                         len(rank)))
 
 
 # A real SeaweedFS S3 server on loopback (auth on), started once per session when a test asks.

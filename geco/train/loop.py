@@ -191,6 +191,9 @@ def fit(
     if resume and last_path.is_file():
         ckpt = load_checkpoint(last_path)
         if ckpt.get("stage") != stage.name:
+            if "stage" not in ckpt and ckpt.get("model") == stage.name:
+                raise GecoError(f"{last_path} was written by an older geco, whose baselines "
+                                "had a checkpoint format of their own: delete it to retrain")
             raise GecoError(f"{last_path} holds a {ckpt.get('stage')!r} checkpoint, not "
                             f"{stage.name!r}: use another run dir")
         changed = drift(ckpt["config"], config, stage.depends_on)
