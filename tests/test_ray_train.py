@@ -68,7 +68,11 @@ def test_ray_job_trains_both_stages_from_s3_to_the_learning_bar(ray_head, s3_env
     assert m["geco_checkpoint"].startswith(storage) and m["cigm"].startswith(storage)
 
     # Every epoch of both stages: both ranks' parameter digests, gathered after the epoch's
-    # last optimiser step, are identical (DDP kept the replicas in sync).
+    # last optimiser step, are identical (DDP kept the replicas in sync), and each rank names
+    # the Ray node it ran on (the head's one node here).
+    from ray.util.state import list_nodes
+
+    nodes = {n.node_id for n in list_nodes(address=ray_head.address)}
     for stage, epochs in (("cigm", 3), ("geco", 5)):
         snap = json.loads(Storage(f"{storage}/learn-{stage}")
                           .get_bytes("checkpoint_manager_snapshot.json"))
@@ -78,6 +82,8 @@ def test_ray_job_trains_both_stages_from_s3_to_the_learning_bar(ray_head, s3_env
             digests = r["param_digests"].split(",")
             assert len(digests) == 2 and digests[0] == digests[1], (stage, r["epoch"])
             assert r["ranks_in_sync"] == 1
+            placed = r["rank_nodes"].split(",")
+            assert len(placed) == 2 and set(placed) <= nodes, (stage, placed, nodes)
         assert all(r["samples"] == 2 * 288 for r in results)  # every pair once per epoch
 
 

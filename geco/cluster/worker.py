@@ -139,6 +139,13 @@ def log_epoch(tracker: Tracker | None, metrics: dict[str, Any], last_path: Path)
 
 # --- the training worker ----------------------------------------------------------------------
 
+def ray_node_id() -> str:
+    """The id of the Ray node this process runs on ("" outside Ray)."""
+    import ray
+
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+
+
 def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
                report: Callable[..., None], checkpoint_cls: Any) -> None:
     """Train `job["stage"]` with `job["config"]` in a scratch run dir, reporting after every
@@ -174,15 +181,20 @@ def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
             save_config(cfg, work / name / "config.yaml")
             tracker = Tracker.attach(cfg.tracking, job.get("mlflow_run_id"))
 
+        node = ray_node_id()
+
         def on_epoch_end(record: dict[str, Any], last_path: Path) -> None:
-            mine = param_digest(stage.modules)
-            digests = [mine]
+            mine = (param_digest(stage.modules), node)
+            ranks = [mine]
             if rt.distributed:
-                digests = [None] * rt.world_size
-                dist.all_gather_object(digests, mine)
+                ranks = [None] * rt.world_size
+                dist.all_gather_object(ranks, mine)
+            digests = [digest for digest, _ in ranks]
+            # Where each rank ran (rank order): placement is visible in every report.
             metrics = {**numeric(record), **job.get("extra", {}), "stage": name,
                        "param_digests": ",".join(digests),
-                       "ranks_in_sync": int(len(set(digests)) == 1)}
+                       "ranks_in_sync": int(len(set(digests)) == 1),
+                       "rank_nodes": ",".join(n for _, n in ranks)}
             if rank != 0:
                 report(metrics, checkpoint=None)
                 return
