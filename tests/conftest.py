@@ -19,7 +19,7 @@ SMALL_SPEC = SynthSpec(
 
 
 # Under pytest-xdist every worker gets its share of the cores: torch's default (one thread per
-# core in every process) oversubscribes the CPU and runs several times slower.
+# core in every process) would oversubscribe the CPU.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     import torch
 
