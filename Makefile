@@ -8,6 +8,7 @@ PYTEST_ARGS ?=
 # pytest-xdist processes for `make test` (each module's tests stay in one process, the longest
 # modules start first: tests/conftest.py); 0 runs everything in one process.
 TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 .PHONY: venv demo sweep compare compare-cluster demo-torch demo-local stop test test-fast lint bench gpu-smoke clean
 
@@ -91,14 +92,13 @@ stop:
 # Lint, then every test that needs no GPU (GPU tests skip themselves without CUDA).
 test: venv
 	$(VENV)/bin/ruff check geco ray_jobs tests bench scripts
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(XDIST) $(PYTEST_ARGS)
 
 # The quick loop while developing: lint and every test that starts no service and is not
 # marked slow (no S3 server, MLflow server or Ray head; a few minutes on 2 cores).
 test-fast: venv
 	$(VENV)/bin/ruff check geco ray_jobs tests bench scripts
-	$(VENV)/bin/pytest -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder \
-	  -m "not integration and not slow" $(PYTEST_ARGS)
+	$(VENV)/bin/pytest $(XDIST) -m "not integration and not slow" $(PYTEST_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check geco ray_jobs tests bench scripts
