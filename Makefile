@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-.PHONY: venv demo sweep compare compare-cluster demo-torch demo-local stop test test-fast lint bench gpu-smoke clean
+.PHONY: venv demo demo-cluster sweep compare compare-cluster demo-torch demo-local stop test test-fast lint bench gpu-smoke clean
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -33,11 +33,24 @@ demo: venv
 	eval "$$(bash infra/local/s3.sh profile-env)" && \
 	  $(PY) -m geco.cli data shard --out $(SHARDS) --config $(CONFIG) --image-size 64
 	bash infra/local/mlflow.sh start
-	bash infra/local/ray.sh start
+	bash infra/local/ray.sh start $(RAY_START_ARGS)
+	bash infra/local/ray.sh nodes
 	eval "$$(bash infra/local/ray.sh env)" && \
 	  $(VENV)/bin/ray job submit --runtime-env "$$(bash infra/local/ray.sh runtime-env)" -- \
 	  python ray_jobs/train_geco.py --config $(CONFIG) --name $(NAME) \
 	  data.shards=$(SHARDS) cluster.storage_path=$(RAY_STORAGE) $(RAY_ARGS)
+
+# The demo's job on a local multi-node Ray cluster shaped like a KubeRay one: a head with 0 CPUs
+# (drivers and Ray's services only) and RAY_NODES worker nodes of RAY_NODE_CPUS CPUs, each its
+# own raylet, object store and temp dir on 127.0.0.1 (infra/local/ray.sh --workers). The DDP
+# ranks and the evaluation task run on worker nodes; data come from the S3 shards and
+# checkpoints go to S3 only. `make stop` stops every node. Knobs as `make demo` (NAME defaults
+# to demo-cluster); a single-node head from `make demo` must be stopped first.
+RAY_NODES ?= 3
+RAY_NODE_CPUS ?= 1
+demo-cluster: NAME = demo-cluster
+demo-cluster: RAY_START_ARGS = --workers $(RAY_NODES) --worker-cpus $(RAY_NODE_CPUS)
+demo-cluster: demo
 
 # $(call ray_job,SCRIPT,EXTRA ARGS): the local stack (idempotent starts), then `ray job submit`
 # of SCRIPT on the demo's data and storage.
@@ -106,6 +119,7 @@ lint: venv
 bench: venv
 	$(PY) bench/bench_mrr.py
 	$(PY) bench/bench_reader.py
+	$(PY) bench/bench_train.py
 
 gpu-smoke: venv
 	$(PY) scripts/gpu_smoke.py

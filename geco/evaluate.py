@@ -141,7 +141,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, split: str, data=No
                     here)
     data = data if data is not None else open_data(cfg.data)
     metrics = evaluate(retriever, data, split, rt=rt, image_size=trained["data"]["image_size"],
-                       cfg=cfg.eval, num_workers=cfg.data.num_workers)
+                       cfg=cfg.eval, num_workers=cfg.data.loader_workers)
     return {"metrics": metrics, "epoch": ckpt["epoch"] + 1, "dataset": data.describe(split),
             "trained_config": trained, "retriever": retriever, "ckpt": ckpt}
 

@@ -121,6 +121,10 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         return build(annotation, value, key + ".")
     if origin is typing.Literal:
         choices = typing.get_args(annotation)
+        if isinstance(value, bool) and value not in choices:
+            # YAML 1.1 reads on/off/yes/no as booleans: `runtime.amp=off` means the word.
+            words = ("on", "yes", "true") if value else ("off", "no", "false")
+            value = next((w for w in words if w in choices), value)
         if value not in choices:
             raise ConfigError(f"{key}={value!r}: expected one of {', '.join(map(str, choices))}")
         return value

@@ -268,6 +268,16 @@ class Tracker:
         if batch:
             self._call("log metrics", self._client.log_batch, self.run_id, metrics=batch)
 
+    def logged_steps(self, key: str) -> set[int]:
+        """The steps at which metric `key` was logged in this run (empty when disabled)."""
+        steps: set[int] = set()
+
+        def read() -> None:
+            steps.update(int(m.step) for m in self._client.get_metric_history(self.run_id, key))
+
+        self._call(f"read the history of {key}", read)
+        return steps
+
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Upload one local file (or folder) into the run's artifacts."""
         if not self.enabled:

@@ -88,8 +88,8 @@ def synth_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # The modules that take minutes (measured with `pytest --durations=40`), longest first: under
 # pytest-xdist they start first, so the short modules fill the other worker around them instead
 # of one long module starting last and running alone.
-LONGEST_FIRST = ["test_ray_tune", "test_ray_train", "test_learning", "test_compare", "test_ddp",
-                 "test_registry", "test_train"]
+LONGEST_FIRST = ["test_ray_tune", "test_ray_faults", "test_ray_train", "test_learning",
+                 "test_compare", "test_ddp", "test_registry", "test_train"]
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -112,5 +112,5 @@ def pytest_collection_modifyitems(config, items):
 
 # A real SeaweedFS S3 server on loopback (auth on), started once per session when a test asks.
 from tests.mlflow_server import mlflow_env, mlflow_server  # noqa: E402, F401
-from tests.ray_cluster import ray_head  # noqa: E402, F401
+from tests.ray_cluster import ray_cluster, ray_head  # noqa: E402, F401
 from tests.s3_server import s3_env, s3_server  # noqa: E402, F401

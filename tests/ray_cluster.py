@@ -1,6 +1,9 @@
-"""A real local Ray head for integration tests, started through infra/local/ray.sh (the same
-flags users get: everything on 127.0.0.1) on free ports in a temporary folder, once per test
-session, and always stopped. Jobs go through the real `ray job submit` CLI.
+"""A real local multi-node Ray cluster for integration tests, started through
+infra/local/ray.sh (the same flags users get: everything on 127.0.0.1) on free ports in a
+temporary folder, once per test session, and always stopped: a head with 0 CPUs (drivers and
+Ray's services only, as on KubeRay) and NODES worker nodes of 1 CPU, each its own raylet,
+object store and temp dir. Jobs go through the real `ray job submit` CLI; a test can kill a
+worker node (all its processes, by pid) and start it again.
 
     from tests.ray_cluster import ray_head  # noqa: F401  (or via tests/conftest.py)
 
@@ -11,10 +14,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +35,11 @@ EXCLUDES = [".venv", ".git", "runs", "data", "tmp", ".gpu_data", "*.egg-info", "
             ".pytest_cache", ".ruff_cache", "*.pt"]
 
 
+NODES = 3  # worker nodes of 1 CPU: two DDP ranks land on two nodes, a third survives a loss
+
+
 @dataclass
-class RayHead:
+class RayCluster:
     dir: Path
     gcs_port: int
     dashboard_port: int
@@ -40,11 +48,41 @@ class RayHead:
     def address(self) -> str:
         return f"http://127.0.0.1:{self.dashboard_port}"
 
-    def runtime_env(self, path: Path, env: dict[str, str]) -> Path:
-        spec = {"working_dir": str(REPO), "excludes": EXCLUDES,
+    def runtime_env(self, path: Path, env: dict[str, str], working_dir: Path = REPO) -> Path:
+        spec = {"working_dir": str(working_dir), "excludes": EXCLUDES,
                 "env_vars": {"PYTHONUNBUFFERED": "1", **env}}
         path.write_text(json.dumps(spec))
         return path
+
+    def submit_and_delete_checkout(self, tmp_path: Path, env: dict[str, str], *args: str,
+                                   timeout: int = 900) -> subprocess.CompletedProcess:
+        """`ray job submit` from a copy of the checkout that is deleted as soon as the job is
+        submitted (its working_dir uploaded): the job can only succeed if no node reads
+        anything from the submitting side but the runtime env's package."""
+        checkout = tmp_path / "checkout"
+        for part in ("geco", "ray_jobs", "configs", "pyproject.toml"):
+            src = REPO / part
+            if src.is_dir():
+                shutil.copytree(src, checkout / part,
+                                ignore=shutil.ignore_patterns("__pycache__", "*.pt"))
+            else:
+                shutil.copy2(src, checkout / part)
+        spec = self.runtime_env(tmp_path / "runtime_env_copy.json", env, working_dir=checkout)
+        sid = f"geco-test-{uuid.uuid4().hex[:12]}"
+        cmd = self._submit_cmd(spec, args)
+        cmd[cmd.index("submit") + 1:cmd.index("submit") + 1] = ["--no-wait", "--submission-id", sid]
+        ray_env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+        subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=ray_env,
+                       cwd=tmp_path, check=True)
+        shutil.rmtree(checkout)
+        logs = subprocess.run([str(BIN / "ray"), "job", "logs", "--follow", "--address",
+                               self.address, sid], capture_output=True, text=True,
+                              timeout=timeout, env=ray_env)
+        status = subprocess.run([str(BIN / "ray"), "job", "status", "--address", self.address,
+                                 sid], capture_output=True, text=True, timeout=60, env=ray_env)
+        ok = "succeeded" in (status.stdout + status.stderr).lower()
+        return subprocess.CompletedProcess(cmd, 0 if ok else 1, logs.stdout,
+                                           logs.stderr + status.stdout + status.stderr)
 
     def _submit_cmd(self, runtime_env: Path, args: tuple[str, ...]) -> list[str]:
         return [str(BIN / "ray"), "job", "submit", "--address", self.address,
@@ -88,24 +126,69 @@ class RayHead:
         raise AssertionError(f"no Ray Train worker to kill within {timeout:.0f} s")
 
 
+    def ray_sh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        return _ray_sh(*args, "--dir", str(self.dir), "--port", str(self.gcs_port), check=check)
+
+    def nodes(self) -> dict[str, dict]:
+        """Ray's view of the cluster: node id -> {"name": head or n<I>, "alive": bool}."""
+        from ray.util.state import list_nodes
+
+        out = {}
+        for n in list_nodes(address=self.address, limit=100):
+            name = "head" if n.is_head_node else (n.labels or {}).get("geco-node", "?")
+            out[n.node_id] = {"name": name, "alive": n.state == "ALIVE"}
+        return out
+
+    def node_of(self, node_id: str) -> str:
+        return self.nodes()[node_id]["name"]
+
+    def kill_node(self, number: int) -> None:
+        """SIGKILL every process of worker node `number` (a preempted node)."""
+        self.ray_sh("node-kill", str(number))
+
+    def start_node(self, number: int) -> None:
+        """Start worker node `number` (again); waits until Ray counts it alive."""
+        self.ray_sh("node-start", str(number))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            alive = [v["name"] for v in self.nodes().values() if v["alive"]]
+            if f"n{number}" in alive:
+                return
+            time.sleep(1)
+        raise AssertionError(f"worker node n{number} did not join the cluster")
+
+    def wait_for_nodes(self, timeout: float = 120) -> None:
+        """Until every worker node is alive (a test that killed one restarts it first)."""
+        for i in range(1, NODES + 1):
+            if f"n{i}" not in {v["name"] for v in self.nodes().values() if v["alive"]}:
+                self.start_node(i)
+
+
 def _ray_sh(*args: str, check: bool = True) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(RAY_SH), *args], capture_output=True, text=True,
-                          timeout=180, check=check,
+                          timeout=300, check=check,
                           env={**os.environ, "GECO_VENV_BIN": str(BIN)})
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+def ray_head(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayCluster]:
     if not (BIN / "ray").exists():
         pytest.skip("Ray is not installed (pip install -e '.[orchestration]')")
     base = tmp_path_factory.mktemp("raystack")
-    head = RayHead(base, free_port(), free_port())
+    head = RayCluster(base, free_port(), free_port())
     common = ["--dir", str(base), "--port", str(head.gcs_port)]
     started = _ray_sh("start", *common, "--dashboard-port", str(head.dashboard_port),
-                      "--num-cpus", "4", check=False)
+                      "--workers", str(NODES), "--worker-cpus", "1", check=False)
     try:
         if started.returncode != 0:
-            pytest.fail(f"could not start the Ray head: {started.stdout}{started.stderr}")
+            pytest.fail(f"could not start the Ray cluster: {started.stdout}{started.stderr}")
         yield head
     finally:
         _ray_sh("stop", *common, check=False)
+
+
+@pytest.fixture
+def ray_cluster(ray_head: RayCluster) -> RayCluster:
+    """The session's cluster with every worker node alive (restarted if a test killed one)."""
+    ray_head.wait_for_nodes()
+    return ray_head

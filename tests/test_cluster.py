@@ -19,6 +19,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("override, match", [
     ("cluster.num_workers=0", "cluster.num_workers"),
+    ("cluster.num_workers=[3,2]", "cluster.num_workers"),
+    ("cluster.num_workers=[0,2]", "cluster.num_workers"),
+    ("cluster.num_workers=[1,2,3]", "cluster.num_workers"),
+    ("cluster.num_workers=two", "cluster.num_workers"),
+    ("cluster.resize_interval_s=-1", "cluster.resize_interval_s"),
     ("cluster.name=a/b", "cluster.name"),
     ("cluster.max_failures=-2", "max_failures"),
     ("cluster.cpus_per_worker=0", "cpus_per_worker"),
@@ -26,6 +31,28 @@ REPO = Path(__file__).resolve().parents[1]
 def test_impossible_cluster_settings_are_refused(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, [override])
+
+
+def test_elastic_range_keeps_the_global_batch_or_is_refused_by_name(tiny):
+    from geco.cluster.worker import rank_batch
+
+    fixed = tiny(None, "cluster.num_workers=2").cluster
+    assert fixed.worker_range == (2, 2) and not fixed.elastic
+    elastic = tiny(None, "cluster.num_workers=[2,4]").cluster
+    assert elastic.worker_range == (2, 4) and elastic.elastic
+    # batch_size 3 per rank at 4 ranks: global 12 -> 6 per rank on 2, 4 on 3, 3 on 4.
+    assert [rank_batch(12, w, "geco.batch_size") for w in (2, 3, 4)] == [6, 4, 3]
+    with pytest.raises(ConfigError, match=r"geco.batch_size.*12.*5 workers"):
+        rank_batch(12, 5, "geco.batch_size")
+
+
+def test_driver_refuses_a_range_that_cannot_split_the_batch(tiny, synth_small):
+    from geco.cluster.driver import preflight
+
+    cfg = tiny(synth_small, "cluster.num_workers=[2,3]", "cigm.batch_size=4",
+               "geco.batch_size=5")  # cigm: 12 splits on 2 and 3; geco: 15 not on 2
+    with pytest.raises(ConfigError, match=r"geco.batch_size.*15.*2 workers"):
+        preflight(cfg)
 
 
 def test_storage_path_is_absolute_or_a_uri(tmp_path, monkeypatch):

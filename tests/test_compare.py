@@ -143,7 +143,7 @@ JOB = ["data.image_size=64", "cluster.num_workers=2", "baselines.bpr_dae.hidden=
 
 
 @pytest.mark.slow
-def test_ray_compare_job_scores_every_model_resumes_and_logs(ray_head, s3_env, mlflow_server,
+def test_ray_compare_job_scores_every_model_resumes_and_logs(ray_cluster, s3_env, mlflow_server,
                                                              synth_small, tiny, tmp_path):
     import torch
     from mlflow import MlflowClient
@@ -168,12 +168,12 @@ def test_ray_compare_job_scores_every_model_resumes_and_logs(ray_head, s3_env, m
     run_baseline("bpr-dae", cfg, tmp_path, "test", data)
     root.sync_dir(tmp_path / "bpr-dae", prefix="bpr-dae")
 
-    env = ray_head.runtime_env(tmp_path / "runtime_env.json",
+    env = ray_cluster.runtime_env(tmp_path / "runtime_env.json",
                                {**s3_env.profile_env, "MLFLOW_TRACKING_URI": mlflow_server.uri})
     args = ["ray_jobs/compare.py", "--name", "cmp", "--models",
             "geco,mgcm,bpr-dae,popularity,random", *base, "baselines.bpr_dae.epochs=2",
             "baselines.mgcm.epochs=1"]
-    proc = ray_head.submit(env, *args)
+    proc = ray_cluster.submit(env, *args)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-6000:]
     assert "bpr-dae resumes from" in out and "samples/s" in out
@@ -187,6 +187,10 @@ def test_ray_compare_job_scores_every_model_resumes_and_logs(ray_head, s3_env, m
     for name in ("mgcm", "bpr-dae"):
         assert data["models"][name]["checkpoint"] == f"{storage}/cmp-compare/{name}/last.pt"
     assert [h["epoch"] for h in data["models"]["bpr-dae"]["history"]] == [1, 2]
+    # Every baseline task ran on a worker node of the multi-node cluster, none on the head.
+    names = {node_id: v["name"] for node_id, v in ray_cluster.nodes().items()}
+    for name in ("mgcm", "bpr-dae", "popularity", "random"):
+        assert names[data["models"][name]["node"]] != "head", name
     assert data["models"]["bpr-dae"]["info"]["resumed_after_epoch"] == 1
     assert root.exists("mgcm/samples/epoch_001.png")
     md = root.get_bytes("compare.md").decode()
@@ -210,7 +214,7 @@ def test_ray_compare_job_scores_every_model_resumes_and_logs(ray_head, s3_env, m
     # Resubmitted: every baseline is loaded from storage, nothing retrained; the same rows.
     # (GECo's restore on resubmission is tests/test_ray_train.py's; left out to save time.)
     args[args.index("--models") + 1] = "mgcm,bpr-dae,popularity,random"
-    again = ray_head.submit(env, *args)
+    again = ray_cluster.submit(env, *args)
     out = again.stdout + again.stderr
     assert again.returncode == 0, out[-6000:]
     # Both trainable baselines are complete in storage: loaded, not trained.

@@ -87,6 +87,16 @@ def test_exponent_without_dot_is_a_number():
     assert load_config(None, ["geco.lr=1e-4"]).geco.lr == 1e-4
 
 
+def test_on_and_off_mean_the_words_where_a_setting_takes_words(tmp_path):
+    # YAML 1.1 reads on/off as booleans, on the command line and in files alike.
+    cfg = load_config(None, ["runtime.amp=off", "runtime.channels_last=on"])
+    assert (cfg.runtime.amp, cfg.runtime.channels_last) == ("off", "on")
+    (tmp_path / "c.yaml").write_text("runtime:\n  channels_last: off\n")
+    assert load_config(tmp_path / "c.yaml").runtime.channels_last == "off"
+    with pytest.raises(ConfigError, match="runtime.amp=True: expected one of auto, bf16, off"):
+        load_config(None, ["runtime.amp=yes"])  # no word of amp's means yes
+
+
 def test_a_preset_builds_on_its_base(tmp_path):
     (tmp_path / "base.yaml").write_text("geco:\n  tau: 0.5\n  alpha: 0.5\ncigm:\n  epochs: 3\n")
     (tmp_path / "mid.yaml").write_text("base: base.yaml\ngeco:\n  alpha: 0.9\n")
@@ -143,3 +153,22 @@ def test_one_section_is_read_without_the_models():
         load_section(None, ["geco.tau=0.5"], "tracking", TrackingConfig)
     with pytest.raises(ConfigError, match="tracking.on_error"):
         load_section(None, ["tracking.on_error=maybe"], "tracking", TrackingConfig)
+
+
+def test_auto_loader_workers_follow_the_cpus_of_the_process(monkeypatch):
+    from geco.data import source
+
+    assert load_config(None, ["data.num_workers=3"]).data.loader_workers == 3
+    auto = load_config(None, ["data.num_workers=-1"]).data
+    monkeypatch.setattr(source.os, "sched_getaffinity", lambda pid: set(range(16)),
+                        raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert auto.loader_workers == 15  # one core stays with the training process
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # 4 ranks on the node share its 16 cores
+    assert auto.loader_workers == 3
+    monkeypatch.setattr(source.os, "sched_getaffinity", lambda pid: set(range(64)),
+                        raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert auto.loader_workers == 16  # capped
+    with pytest.raises(ConfigError, match="data.num_workers"):
+        load_config(None, ["data.num_workers=-2"])

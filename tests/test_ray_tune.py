@@ -1,13 +1,16 @@
-"""Ray Tune sweep + MLflow end to end: a real Ray head, the S3 server and the MLflow server
-(SQL backend, artifacts proxied into S3). `ray job submit` runs ray_jobs/tune_geco.py: a
-shared CIGM (Ray Train), 4 trials with ASHA, the best trial evaluated on test once,
-registered and promoted; then the champion is loaded in a fresh process and queried."""
+"""Ray Tune sweep + MLflow end to end: a real local multi-node Ray cluster (tests/ray_cluster),
+the S3 server and the MLflow server (SQL backend, artifacts proxied into S3). `ray job submit`
+runs ray_jobs/tune_geco.py: a shared CIGM (Ray Train), 4 trials with ASHA on the worker nodes,
+one of which is killed mid-sweep (its trial is retried from its checkpoint), the best trial
+evaluated on test once, registered and promoted; then the champion is loaded in a fresh
+process and queried."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -27,7 +30,7 @@ SWEEP = ["data.image_size=64", "cigm.features=16", "cigm.epochs=3", "cigm.batch_
 
 
 def test_sweep_tracks_every_trial_registers_the_best_and_serves_it(
-        ray_head, s3_env, mlflow_server, tiny, tmp_path):
+        ray_cluster, s3_env, mlflow_server, tiny, tmp_path):
     from mlflow import MlflowClient
 
     data = tmp_path / "synth"
@@ -35,16 +38,36 @@ def test_sweep_tracks_every_trial_registers_the_best_and_serves_it(
     shards = f"s3://{s3_env.bucket}/tune-shards"
     _shard(data, shards, 64)
     storage = f"s3://{s3_env.bucket}/tune-runs"
-    env = ray_head.runtime_env(tmp_path / "runtime_env.json",
+    env = ray_cluster.runtime_env(tmp_path / "runtime_env.json",
                                {**s3_env.profile_env, "MLFLOW_TRACKING_URI": mlflow_server.uri})
-    proc = ray_head.submit(env, "ray_jobs/tune_geco.py", "--name", "sw", *tiny.args(*SWEEP),
-                           f"data.shards={shards}", f"cluster.storage_path={storage}",
-                           "tracking.experiment=sweep-test", timeout=1500)
+    log = tmp_path / "job.log"
+    job = ray_cluster.start(env, log, "ray_jobs/tune_geco.py", "--name", "sw",
+                            *tiny.args(*SWEEP), f"data.shards={shards}",
+                            f"cluster.storage_path={storage}", "tracking.experiment=sweep-test")
+    # Once a trial has saved a checkpoint, the node of a running trial dies (every process).
+    sweep_dir = Storage(f"{storage}/sw-sweep")
+    deadline = time.monotonic() + 900
+    while not any("/checkpoint_" in k for k in sweep_dir.list("")):
+        assert time.monotonic() < deadline and job.poll() is None, log.read_text()[-4000:]
+        time.sleep(1)
+    victim = ray_cluster.node_of(_trial_node(ray_cluster))
+    try:
+        ray_cluster.kill_node(int(victim[1:]))
+        proc = ray_cluster.finish(job, log, timeout=1500)
+    finally:
+        ray_cluster.start_node(int(victim[1:]))
     assert proc.returncode == 0, _job_failed(proc)
     out = proc.stdout + proc.stderr
     assert s3_env.secret_key not in out
     summary = json.loads(Storage(f"{storage}/sw-sweep").get_bytes("sweep.json"))
     assert len(summary["trials"]) == 4
+    # Every trial finished (the one on the lost node was retried) on worker nodes only, and the
+    # winner is the best on validation.
+    names = {node_id: v["name"] for node_id, v in ray_cluster.nodes().items()}
+    for t in summary["trials"]:
+        assert t["error"] == "" and t["nodes"], t
+        assert all(names[n] != "head" for n in t["nodes"]), t
+    assert summary["best_valid_auc_1vs1"] == max(t["valid_auc_1vs1"] for t in summary["trials"])
     assert "alpha" in Storage(f"{storage}/sw-sweep").get_bytes("best_config.yaml").decode()
     # Selection on validation; test computed once, for the chosen trial.
     assert summary["test"]["split"] == "test" and summary["best_valid_auc_1vs1"] > 0.5
@@ -54,7 +77,7 @@ def test_sweep_tracks_every_trial_registers_the_best_and_serves_it(
     runs = client.search_runs([exp.experiment_id], max_results=100)
     parent = next(r for r in runs if r.data.tags.get("geco.kind") == "sweep")
     trials = [r for r in runs if r.data.tags.get("geco.kind") == "trial"]
-    assert len(trials) == 4
+    assert len(trials) == 4  # the retried trial logged into its first attempt's run
     assert all(t.data.tags["mlflow.parentRunId"] == parent.info.run_id for t in trials)
     assert all(t.info.status in ("FINISHED", "KILLED") for t in trials)
     for t in trials:
@@ -98,3 +121,18 @@ print(json.dumps({{"hits": int(hits), "n": len(queries)}}))
     # the demo-sized model serves ~85 % (README). Bar: 3x random.
     assert rate["hits"] / rate["n"] >= 0.25, rate
     assert abs(rate["hits"] / rate["n"] - summary["test"]["recall_at_10"]) < 0.2, rate
+
+
+def _trial_node(cluster) -> str:
+    """The Ray node of a running trial (a Tune function trainable's actor)."""
+    from ray.util.state import list_actors
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        actors = list_actors(address=cluster.address, limit=1000,
+                             filters=[("state", "=", "ALIVE")])
+        found = [a.node_id for a in actors if "ImplicitFunc" in a.class_name]
+        if found:
+            return found[0]
+        time.sleep(0.5)
+    raise AssertionError("no running trial to lose a node under")

@@ -323,7 +323,7 @@ class BPRDAEStage:
         t0 = time.perf_counter()
         feats = encode_ids(ids, self.images, self.transform, self.features,
                            device=self.device, batch_size=self.cfg.eval.batch_size,
-                           num_workers=self.cfg.data.num_workers, context="bpr-dae features")
+                           num_workers=self.cfg.data.loader_workers, context="bpr-dae features")
         seconds = time.perf_counter() - t0
         self.info_["feature_seconds"] = seconds
         self.info_["feature_images_per_s"] = len(ids) / max(seconds, 1e-9)
@@ -391,7 +391,7 @@ class BPRDAEScorer(EmbeddingScorer):
 
     def __init__(self, stage: BPRDAEStage, images: ImageSource) -> None:
         super().__init__(images, device=stage.device, batch_size=stage.cfg.eval.batch_size,
-                         num_workers=stage.cfg.data.num_workers)
+                         num_workers=stage.cfg.data.loader_workers)
         self.stage = stage
 
     def top_transform(self) -> Transform:

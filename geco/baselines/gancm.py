@@ -326,7 +326,7 @@ class GanCMStage:
         self.transform = gan_transform(c.image_size)
         self.loader = batch_loader(PairDataset(self.train_split, self.images, self.transform),
                                    batch_size=c.batch_size, seed=c.seed, drop_last=True,
-                                   num_workers=cfg.data.num_workers)
+                                   num_workers=cfg.data.loader_workers)
         self.model = GanCMModel(self.kind, c, rt=rt)
         self._grid: tuple[Tensor, Tensor] | None = None
 
@@ -368,7 +368,7 @@ class GanCMStage:
     def scorer(self, images: ImageSource) -> GanCMScorer:
         self.model.eval()
         return GanCMScorer(self.model, images, batch_size=self.cfg.eval.batch_size,
-                           num_workers=self.cfg.data.num_workers)
+                           num_workers=self.cfg.data.loader_workers)
 
 
 class MGCMStage(GanCMStage):

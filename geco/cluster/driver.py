@@ -30,6 +30,7 @@ from geco.cluster.worker import (
     checkpoint_source,
     checkpoint_uri,
     finalize,
+    rank_batch,
     train_loop,
     trial_config,
     tune_trial,
@@ -54,7 +55,13 @@ class ClusterConfig:
     # Where Ray Train keeps checkpoints and results: s3://bucket/prefix, or a local path every
     # node can see (relative paths resolve against the job's working directory).
     storage_path: str = "runs/ray"
-    num_workers: int = 2  # DDP ranks
+    # DDP ranks: a number, or [min, max] for elastic training: Ray Train runs as many workers
+    # as the cluster has room for in that range, shrinks when a node is lost and grows back
+    # when one joins (checked every resize_interval_s). With a range, a stage's batch_size is
+    # per rank at max workers and the global batch stays batch_size x max at every size
+    # (worker.rank_batch); the learning rate is unchanged.
+    num_workers: int | list[int] = 2
+    resize_interval_s: float = 60.0
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # with use_gpu
@@ -63,8 +70,26 @@ class ClusterConfig:
     eval_cpus: float = 1.0  # the test-split evaluation task
     eval_gpus: float = 0.0
 
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(min, max) DDP ranks; equal unless elastic."""
+        n = self.num_workers
+        return (n, n) if isinstance(n, int) else (int(n[0]), int(n[1]))
+
+    @property
+    def elastic(self) -> bool:
+        lo, hi = self.worker_range
+        return lo < hi
+
     def validate(self, key: str) -> None:
-        at_least(f"{key}.num_workers", self.num_workers, 1)
+        n = self.num_workers
+        ok = (isinstance(n, int) and not isinstance(n, bool) and n >= 1) or (
+            isinstance(n, list) and len(n) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in n)
+            and 1 <= n[0] <= n[1])
+        require(ok, f"{key}.num_workers", n, "a number >= 1, or [min, max] with 1 <= min <= max")
+        require(self.resize_interval_s >= 0, f"{key}.resize_interval_s",
+                self.resize_interval_s, "must be >= 0")
         at_least(f"{key}.num_to_keep", self.num_to_keep, 0)
         at_least(f"{key}.max_failures", self.max_failures, -1)
         require(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", self.cpus_per_worker,
@@ -155,6 +180,10 @@ def preflight(cfg: Config) -> dict[str, str]:
         raise ConfigError("runtime.device=cuda needs cluster.use_gpu=true under Ray")
     if not cfg.data.shards:
         log.warning("data.shards is empty: every Ray node must see data.root=%s", cfg.data.root)
+    lo, hi = cfg.cluster.worker_range
+    for stage in STAGES:  # elastic: every world size in the range must split the global batch
+        for world in range(lo, hi + 1):
+            rank_batch(getattr(cfg, stage).batch_size * hi, world, f"{stage}.batch_size")
     data = open_data(cfg.data)  # names the URL; wrong credentials too
     data.check(("train", "valid"))
     return data.lineage
@@ -272,8 +301,10 @@ def run_stage(cfg: Config, stage: str, *, cigm: Any = None, mlflow_run_id: str |
         train_loop_config={"stage": stage, "config": cfg.to_dict(), "cigm": cigm,
                            "cigm_uri": checkpoint_source(cigm) if cigm is not None else "",
                            "mlflow_run_id": mlflow_run_id},
-        scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=c.worker_range if c.elastic else c.worker_range[0], use_gpu=c.use_gpu,
+            resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=c.resize_interval_s),
         run_config=RunConfig(
             name=run_name(cfg, stage), storage_path=storage_path(c.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=c.num_to_keep or None),
@@ -400,9 +431,12 @@ def run_sweep(cfg: Config, cigm: Any, *, parent_run_id: str | None = None):
             search_alg=BasicVariantGenerator(random_state=t.seed,
                                              max_concurrent=t.max_concurrent)),
         # One checkpoint per trial: it carries best.pt (the trial's best epoch so far).
+        # A trial whose node is lost is retried from its checkpoint (cluster.max_failures).
         run_config=tune.RunConfig(name=f"{cfg.cluster.name}-sweep",
                                   storage_path=storage_path(cfg.cluster.storage_path),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1)),
+                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  failure_config=tune.FailureConfig(
+                                      max_failures=cfg.cluster.max_failures)),
     )
     t0 = time.perf_counter()
     grid = tuner.fit()
@@ -430,9 +464,11 @@ def summarise(grid, cfg: Config) -> list[dict[str, Any]]:
     for r in grid:
         df = r.metrics_dataframe
         done = df is not None and metric in df
+        nodes = df["rank_nodes"] if done and "rank_nodes" in df else []
         rows.append({**{k: r.config.get(k) for k in cfg.tune.space()},
                      metric: float(df[metric].max()) if done else None,
                      "epochs": int(df["epoch"].max()) if done else 0,
+                     "nodes": sorted(set(nodes)),  # the Ray node(s) the trial ran on
                      "error": str(r.error).splitlines()[0] if r.error else ""})
     return sorted(rows, key=lambda x: -(x[metric] if x[metric] is not None else -1))
 

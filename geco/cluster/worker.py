@@ -141,8 +141,10 @@ def log_epoch(tracker: Tracker | None, metrics: dict[str, Any], last_path: Path)
 
 def ray_node_id() -> str:
     """The id of the Ray node this process runs on ("" outside Ray)."""
-    import ray
-
+    try:
+        import ray
+    except ImportError:
+        return ""
     return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
@@ -176,10 +178,13 @@ def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
             generator = fetch_generator(job["cigm"], work)
             cfg.geco.cigm_checkpoint = str(job.get("cigm_uri") or generator)
         stage = make_stage(name, cfg, rt, work, generator=generator)
-        tracker = None
+        tracker, logged = None, set()
         if rank == 0:
             save_config(cfg, work / name / "config.yaml")
             tracker = Tracker.attach(cfg.tracking, job.get("mlflow_run_id"))
+            # An attempt that died (its node lost) after logging an epoch but before Ray took
+            # that epoch's checkpoint trains it again: MLflow keeps the first record only.
+            logged = tracker.logged_steps("epoch")
 
         node = ray_node_id()
 
@@ -192,13 +197,15 @@ def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
             digests = [digest for digest, _ in ranks]
             # Where each rank ran (rank order): placement is visible in every report.
             metrics = {**numeric(record), **job.get("extra", {}), "stage": name,
+                       "rank_batch": getattr(cfg, name).batch_size,
                        "param_digests": ",".join(digests),
                        "ranks_in_sync": int(len(set(digests)) == 1),
                        "rank_nodes": ",".join(n for _, n in ranks)}
             if rank != 0:
                 report(metrics, checkpoint=None)
                 return
-            log_epoch(tracker, metrics, last_path)
+            if int(record["epoch"]) not in logged:
+                log_epoch(tracker, metrics, last_path)
             with tempfile.TemporaryDirectory(prefix="geco-ckpt-") as d:
                 pack(last_path.parent, Path(d) / name)
                 report(metrics, checkpoint=checkpoint_cls.from_directory(d))
@@ -206,6 +213,19 @@ def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
         fit(stage, rt, work, resume=True, on_epoch_end=on_epoch_end)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def rank_batch(global_batch: int, world: int, key: str) -> int:
+    """The per-rank batch of an elastic run at `world` ranks: the global batch split evenly, so
+    every world size trains with the same global batch and learning rate."""
+    if global_batch % world:
+        from geco.errors import ConfigError
+
+        raise ConfigError(
+            f"{key}: elastic training keeps the global batch ({global_batch} = batch_size x "
+            f"max workers) at every world size, and {world} workers cannot split it evenly; "
+            "choose a batch_size or worker range where every size divides it")
+    return global_batch // world
 
 
 def train_loop(job: dict[str, Any]) -> None:
@@ -219,8 +239,15 @@ def train_loop(job: dict[str, Any]) -> None:
         device = str(ray.train.torch.get_device())
     else:
         device = "cpu"
-    job = {**job, "config": {**cfg, "runtime": {**cfg["runtime"], "device": device}}}
-    run_worker(job, rank=ray.train.get_context().get_world_rank(),
+    cfg = {**cfg, "runtime": {**cfg["runtime"], "device": device}}
+    ctx = ray.train.get_context()
+    n = cfg["cluster"]["num_workers"]
+    if isinstance(n, list) and n[0] < n[1]:  # elastic: this attempt's share of the batch
+        stage = job["stage"]
+        batch = rank_batch(cfg[stage]["batch_size"] * n[1], ctx.get_world_size(),
+                           f"{stage}.batch_size")
+        cfg = {**cfg, stage: {**cfg[stage], "batch_size": batch}}
+    run_worker({**job, "config": cfg}, rank=ctx.get_world_rank(),
                restored=ray.train.get_checkpoint(), report=ray.train.report,
                checkpoint_cls=ray.train.Checkpoint)
 
@@ -245,10 +272,14 @@ def tune_trial(params: dict[str, Any], *, base: dict[str, Any], cigm: Any,
     ctx = tune.get_context()
     tracker = None
     if parent_run_id and cfg.tracking.enabled:
-        tracker = Tracker.start(cfg.tracking, run_name=ctx.get_trial_name(),
-                                parent_run_id=parent_run_id,
-                                tags={"geco.kind": "trial", "geco.trial_id": ctx.get_trial_id()})
-        tracker.log_config(cfg.to_dict())
+        # Keyed by the sweep run and trial id: a retried trial (its node was lost) logs into
+        # the run its first attempt opened.
+        tracker, created = Tracker.resume_or_start(
+            cfg.tracking, key=f"{parent_run_id}/{ctx.get_trial_id()}",
+            run_name=ctx.get_trial_name(), parent_run_id=parent_run_id,
+            tags={"geco.kind": "trial", "geco.trial_id": ctx.get_trial_id()})
+        if created:
+            tracker.log_config(cfg.to_dict())
     run_id = tracker.run_id if tracker is not None else None
     job = {"stage": "geco", "config": cfg.to_dict(), "cigm": cigm,
            "cigm_uri": checkpoint_source(cigm), "mlflow_run_id": run_id,
@@ -287,7 +318,8 @@ def finalize(geco_checkpoint: Any, cigm_source: Any, config: dict[str, Any], spl
         generator = fetch_generator(cigm_source, work)
         data = open_data(cfg.data)
         ev = evaluate_checkpoint(cfg, path, split, data, generator=generator)
-        out = {"split": split, "dataset": ev["dataset"], "epoch": ev["epoch"], **ev["metrics"]}
+        out = {"split": split, "dataset": ev["dataset"], "epoch": ev["epoch"], **ev["metrics"],
+               "eval_node": ray_node_id()}
         existing = registered_version(cfg, mlflow_run_id)
         if existing is not None:  # a resubmitted, already finished job: register nothing new
             out["model"] = {"version": existing, "existing": True}
@@ -367,6 +399,6 @@ def baseline_task(name: str, config: dict[str, Any], split: str, root: str) -> d
             out["checkpoint"] = store.url(f"{name}/{Path(out['checkpoint']).name}")
         if out.get("samples_dir"):
             out["samples_dir"] = store.url(f"{name}/samples")
-        return out
+        return {**out, "node": ray_node_id()}
     finally:
         shutil.rmtree(work, ignore_errors=True)

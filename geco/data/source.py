@@ -25,6 +25,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -63,6 +65,8 @@ class DataConfig:
     n_negatives: int = 9
     on_missing_image: OnBad = "error"  # rows whose image files are absent (preflight)
     on_bad_image: OnBad = "error"  # images that fail to decode during training
+    # DataLoader worker processes per rank; -1 = sized from the CPUs this process may use
+    # (loader_workers).
     num_workers: int = resumable(2)
     # Training pairs streamed from WebDataset shards (`geco data shard`): a folder or an
     # s3://bucket/prefix holding manifest.json; validation and test then read the shards'
@@ -82,7 +86,27 @@ class DataConfig:
         require(size >= 16 and not size & (size - 1), f"{key}.image_size", size,
                 "must be a power of two >= 16 (U-Net depth)")
         at_least(f"{key}.n_negatives", self.n_negatives, 3, "AUC-1vs3 needs 3 negatives")
-        at_least(f"{key}.num_workers", self.num_workers, 0)
+        at_least(f"{key}.num_workers", self.num_workers, -1, "-1 = auto")
+
+    @property
+    def loader_workers(self) -> int:
+        """num_workers, or for -1 the CPUs this process may use minus the one that trains,
+        at most 16: a GPU node's DataLoader workers follow its size."""
+        if self.num_workers >= 0:
+            return self.num_workers
+        return max(0, min(16, available_cpus() - 1))
+
+
+def available_cpus() -> int:
+    """CPUs of this process: what Ray assigned to it inside a Ray worker or task, else its
+    CPU affinity shared among the local ranks (torchrun's LOCAL_WORLD_SIZE)."""
+    ray = sys.modules.get("ray")  # never imported here: only asked when already running
+    if ray is not None and ray.is_initialized():
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        if cpus:
+            return max(1, int(cpus))
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (n or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
 
 
 class Loader:

@@ -46,7 +46,8 @@ class CIGMConfig:
     lr: float = 2e-4
     betas: list[float] = field(default_factory=lambda: [0.5, 0.999])
     epochs: int = resumable(200)
-    batch_size: int = 64
+    # Per DDP rank. May change on resume: elastic training sets it from the world size.
+    batch_size: int = resumable(64)
     init_discriminator: bool = True  # False reproduces the reference (only G is initialised)
     max_steps_per_epoch: int = 0  # 0 = full epoch; >0 caps steps (smoke runs)
     n_samples: int = resumable(8)  # validation tops in the per-epoch template grid
@@ -267,16 +268,18 @@ class CIGMStage:
     name = "cigm"
     # What makes a CIGM checkpoint another model (GECo's settings do not).
     depends_on = ("data", "cigm")
-    rng_seed = None  # the global RNG (seeded by rank at start-up) draws noise and dropout
 
     def __init__(self, cfg: Config, rt: Runtime, data: FolderData | ShardData):
         self.cfg, self.rt = cfg, rt
+        # Noise and dropout draw from a stream per (epoch, rank): a run resumed after a lost
+        # node trains exactly like an uninterrupted one.
+        self.rng_seed = cfg.runtime.seed
         c = cfg.cigm
         self.epochs, self.max_steps_per_epoch = c.epochs, c.max_steps_per_epoch
         data.check(("train", "valid"))
         tf = gan_transform(cfg.data.image_size)
         self.loader = data.train_loader(tf, rt=rt, batch_size=c.batch_size,
-                                        seed=cfg.runtime.seed, num_workers=cfg.data.num_workers)
+                                        seed=cfg.runtime.seed, num_workers=cfg.data.loader_workers)
         self.sample_set = data.sample_pairs("valid", c.n_samples, tf) if rt.is_main else []
 
         g, d = build_cigm(c.features, c.noise_dim, cfg.data.image_size,

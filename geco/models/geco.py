@@ -53,7 +53,8 @@ class GECoConfig:
     lr_step: int = 8
     lr_gamma: float = 0.1
     epochs: int = resumable(50)
-    batch_size: int = 64
+    # Per DDP rank. May change on resume: elastic training sets it from the world size.
+    batch_size: int = resumable(64)
     # Validation metric that picks the best epoch.
     selection_metric: SelectionMetric = "auc_1vs3"
     # True reproduces the reference's normalisation mismatch around the generator
@@ -254,18 +255,20 @@ class GECoStage:
     name = "geco"
     # The generator's settings are part of what a GECo checkpoint was trained with.
     depends_on = ("data", "cigm", "geco")
-    rng_seed = None  # the global RNG (seeded by rank at start-up) draws the template noise
 
     def __init__(self, cfg: Config, rt: Runtime, data: FolderData | ShardData,
                  generator_path: Path):
         self.cfg, self.rt, self.data = cfg, rt, data
+        # The template noise draws from a stream per (epoch, rank): a run resumed after a lost
+        # node trains exactly like an uninterrupted one.
+        self.rng_seed = cfg.runtime.seed
         g = cfg.geco
         self.epochs, self.max_steps_per_epoch = g.epochs, g.max_steps_per_epoch
         size = cfg.data.image_size
         tf = imagenet_transform(size)
         data.check(("train", "valid"))
         self.loader = data.train_loader(tf, rt=rt, batch_size=g.batch_size,
-                                        seed=cfg.runtime.seed, num_workers=cfg.data.num_workers)
+                                        seed=cfg.runtime.seed, num_workers=cfg.data.loader_workers)
         self.sample_set = data.sample_pairs("valid", 8, tf) if rt.is_main else []
 
         self.generator, gen_cfg = load_generator(generator_path, rt.device)
@@ -320,7 +323,7 @@ class GECoStage:
         if self.rt.is_main:
             m = evaluate(self.retriever, self.data, "valid", rt=self.rt,
                          image_size=self.cfg.data.image_size, cfg=self.cfg.eval,
-                         num_workers=self.cfg.data.num_workers)
+                         num_workers=self.cfg.data.loader_workers)
             metrics = {f"valid_{k}": float(v) for k, v in m.items()
                        if isinstance(v, float) and k != "eval_seconds"}
             metrics["lr"] = self.sched.get_last_lr()[0]

@@ -58,7 +58,7 @@ class Stage(Protocol):
     # there is another model and is not resumed. Fields declared `resumable` are not compared.
     depends_on: tuple[str, ...]
     # None: steps draw from the process RNG. An int: every epoch runs under its own RNG
-    # stream seeded from (rng_seed, epoch), so a resumed run trains exactly like an
+    # stream seeded from (rng_seed, epoch, rank), so a resumed run trains exactly like an
     # uninterrupted one.
     rng_seed: int | None
     modules: list[torch.nn.Module]  # the trained networks (a Ray worker digests their weights)
@@ -156,12 +156,14 @@ def _fmt_seconds(s: float) -> str:
 
 @contextlib.contextmanager
 def _epoch_rng(stage: Stage, epoch: int, rt: Runtime):
-    """The epoch's own RNG stream when the stage asks for one; the process RNG is restored."""
+    """The epoch's own RNG stream when the stage asks for one (one per DDP rank: ranks draw
+    different noise); the process RNG is restored."""
     if stage.rng_seed is None:
         yield
         return
+    seed = stage.rng_seed * 1_000_003 + 7919 * (epoch + 1) + 104_729 * rt.rank
     with torch.random.fork_rng(devices=[rt.device] if rt.device.type == "cuda" else []):
-        torch.manual_seed((stage.rng_seed * 1_000_003 + 7919 * (epoch + 1)) % (2**63 - 1))
+        torch.manual_seed(seed % (2**63 - 1))
         yield
 
 
@@ -261,6 +263,7 @@ def fit(
             **metrics,
             "steps": progress.count,
             "samples": samples_total,  # trained on, all ranks
+            "world_size": rt.world_size,  # ranks that trained it (elastic runs vary)
             "skipped_samples": skipped_total,
             "samples_per_s": progress.rate(),
             "seconds": time.perf_counter() - progress.start,
