@@ -136,7 +136,8 @@ cmd_start() {
     if [ -n "$(head_pids)" ] && alive; then
         echo "Ray head already running at 127.0.0.1:$GCS_PORT (dashboard http://127.0.0.1:$DASH_PORT)"
         # Worker nodes next to a head that trains itself would not be the cluster asked for.
-        if [ "$WORKERS" -gt 0 ] && [ "${HEAD_CPUS:-}" != 0 ]; then
+        HEAD_CPUS="$(sed -n 's/^HEAD_CPUS=//p' "$PORTS" 2>/dev/null || true)"
+        if [ "$WORKERS" -gt 0 ] && [ "$HEAD_CPUS" != 0 ]; then
             die "the Ray head at 127.0.0.1:$GCS_PORT runs with CPUs (a single-node head, as \`make demo\` starts); stop it first (\`make stop\` or ray.sh stop)"
         fi
     else
