@@ -84,6 +84,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="geco-bench-train-") as tmp:
         root, shards = args.root, args.shards
+        if shards is not None and root is None:
+            raise SystemExit("--shards needs --root (the same data as loose files) for the "
+                             "plain baseline")
         if shards is None:
             root = str(Path(tmp) / "data")
             generate(Path(root), SynthSpec(n_train_tops=max(args.pairs, 72), pairs_per_top=1,
@@ -101,9 +104,6 @@ def main() -> None:
         plain = [*common, f"data.root={root}", "data.shards=",
                  f"data.num_workers={args.loader_workers}", "runtime.amp=off",
                  "runtime.channels_last=off", "cigm.batch_size=64", "geco.batch_size=64"]
-        if root is None:
-            raise SystemExit("--shards needs --root (the same data as loose files) for the "
-                             "plain baseline")
         results: dict[str, dict] = {}
         stages = args.stages.split(",")
         generator = None

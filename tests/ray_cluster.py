@@ -15,12 +15,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,24 +107,6 @@ class RayCluster:
         proc.wait(timeout=timeout)
         return subprocess.CompletedProcess(proc.args, proc.returncode, log.read_text(), "")
 
-    def kill_training_worker(self, ready: Callable[[], bool], timeout: float = 300) -> int:
-        """A Ray-level fault: once `ready()` holds, SIGKILL one live Ray Train worker process
-        (its actor dies as on a crashed or preempted node). Returns the pid killed."""
-        from ray.util.state import list_actors
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if ready():
-                workers = list_actors(address=self.address, limit=1000, filters=[
-                    ("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-                if workers:
-                    pid = max(int(w.pid) for w in workers)
-                    os.kill(pid, signal.SIGKILL)
-                    return pid
-            time.sleep(0.2)
-        raise AssertionError(f"no Ray Train worker to kill within {timeout:.0f} s")
-
-
     def ray_sh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         return _ray_sh(*args, "--dir", str(self.dir), "--port", str(self.gcs_port), check=check)
 
@@ -146,21 +127,24 @@ class RayCluster:
         """SIGKILL every process of worker node `number` (a preempted node)."""
         self.ray_sh("node-kill", str(number))
 
+    def alive(self) -> set[str]:
+        """Names of the nodes Ray counts alive."""
+        return {v["name"] for v in self.nodes().values() if v["alive"]}
+
     def start_node(self, number: int) -> None:
         """Start worker node `number` (again); waits until Ray counts it alive."""
         self.ray_sh("node-start", str(number))
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            alive = [v["name"] for v in self.nodes().values() if v["alive"]]
-            if f"n{number}" in alive:
-                return
+        while f"n{number}" not in self.alive():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"worker node n{number} did not join the cluster")
             time.sleep(1)
-        raise AssertionError(f"worker node n{number} did not join the cluster")
 
-    def wait_for_nodes(self, timeout: float = 120) -> None:
-        """Until every worker node is alive (a test that killed one restarts it first)."""
+    def wait_for_nodes(self) -> None:
+        """Every worker node alive (one a test killed is started again)."""
+        alive = self.alive()
         for i in range(1, NODES + 1):
-            if f"n{i}" not in {v["name"] for v in self.nodes().values() if v["alive"]}:
+            if f"n{i}" not in alive:
                 self.start_node(i)
 
 

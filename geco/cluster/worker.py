@@ -232,6 +232,9 @@ def train_loop(job: dict[str, Any]) -> None:
     """Ray Train's train_loop_per_worker for either stage (one DDP rank)."""
     import ray.train
 
+    from geco.cluster.driver import ClusterConfig
+    from geco.settings import build
+
     cfg = job["config"]
     if cfg["cluster"]["use_gpu"]:
         import ray.train.torch
@@ -241,11 +244,11 @@ def train_loop(job: dict[str, Any]) -> None:
         device = "cpu"
     cfg = {**cfg, "runtime": {**cfg["runtime"], "device": device}}
     ctx = ray.train.get_context()
-    n = cfg["cluster"]["num_workers"]
-    if isinstance(n, list) and n[0] < n[1]:  # elastic: this attempt's share of the batch
+    cluster = build(ClusterConfig, cfg["cluster"])
+    if cluster.elastic:  # this attempt's share of the global batch
         stage = job["stage"]
-        batch = rank_batch(cfg[stage]["batch_size"] * n[1], ctx.get_world_size(),
-                           f"{stage}.batch_size")
+        batch = rank_batch(cfg[stage]["batch_size"] * cluster.worker_range[1],
+                           ctx.get_world_size(), f"{stage}.batch_size")
         cfg = {**cfg, stage: {**cfg[stage], "batch_size": batch}}
     run_worker({**job, "config": cfg}, rank=ctx.get_world_rank(),
                restored=ray.train.get_checkpoint(), report=ray.train.report,
