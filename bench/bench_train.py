@@ -5,6 +5,8 @@ next to a plain baseline of the same models, in the same run, so the speed-up is
   shards (a folder or s3://), `runtime.amp`/`channels_last` at their defaults (bf16 autocast
   and channels_last on CUDA, fp32 on CPU), pinned memory and non-blocking copies on CUDA,
   `--batch-size` and `--loader-workers` DataLoader workers.
+- **geco-devdec** (`--decode both`/`device`): the geco path with `data.decode=device`: the
+  loader hands over JPEG bytes and the training device decodes them (nvJPEG on a GPU).
 - **plain**: the same stage class and networks on the dataset folder's loose JPEGs (PIL, a
   map-style DataLoader), fp32, no channels_last, batch 64.
 
@@ -77,6 +79,8 @@ def main() -> None:
     p.add_argument("--stages", default="cigm,geco")
     p.add_argument("--device", default="auto")
     p.add_argument("--features", type=int, default=64, help="CIGM width (paper: 64)")
+    p.add_argument("--decode", choices=("cpu", "device", "both"), default="cpu",
+                   help="where the geco path decodes JPEGs (both: measure each)")
     p.add_argument("--out", default="runs/bench/bench_train.json")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -104,6 +108,10 @@ def main() -> None:
         plain = [*common, f"data.root={root}", "data.shards=",
                  f"data.num_workers={args.loader_workers}", "runtime.amp=off",
                  "runtime.channels_last=off", "cigm.batch_size=64", "geco.batch_size=64"]
+        paths = {"cpu": [("geco", fast)],
+                 "device": [("geco-devdec", [*fast, "data.decode=device"])],
+                 "both": [("geco", fast), ("geco-devdec", [*fast, "data.decode=device"])],
+                 }[args.decode] + [("plain", plain)]
         results: dict[str, dict] = {}
         stages = args.stages.split(",")
         generator = None
@@ -114,18 +122,19 @@ def main() -> None:
             generator = gen_dir / "cigm" / "last.pt"
         for stage in stages:
             gen = generator if stage == "geco" else None
-            for path, overrides in (("geco", fast), ("plain", plain)):
+            for path, overrides in paths:
                 results[f"{stage}/{path}"] = measure(stage, overrides, Path(tmp) / stage / path,
                                                      args.steps, args.warmup, gen)
-    print(f"{'stage':6} {'path':6} {'batch':>5} {'device':7} {'amp':15} {'samples/s':>10}")
+    print(f"{'stage':6} {'path':11} {'batch':>5} {'device':7} {'amp':15} {'samples/s':>10}")
     for key, r in results.items():
         stage, path = key.split("/")
-        print(f"{stage:6} {path:6} {r['batch_size']:5d} {r['device']:7} {r['amp']:15} "
+        print(f"{stage:6} {path:11} {r['batch_size']:5d} {r['device']:7} {r['amp']:15} "
               f"{r['samples_per_s']:10.1f}")
-    ratios = {s: results[f"{s}/geco"]["samples_per_s"] / results[f"{s}/plain"]["samples_per_s"]
-              for s in args.stages.split(",")}
-    for s, ratio in ratios.items():
-        print(f"{s}: geco path / plain baseline = {ratio:.2f}x")
+    ratios = {f"{s}/{path}": results[f"{s}/{path}"]["samples_per_s"]
+              / results[f"{s}/plain"]["samples_per_s"]
+              for s in args.stages.split(",") for path, _ in paths if path != "plain"}
+    for key, ratio in ratios.items():
+        print(f"{key}: / plain baseline = {ratio:.2f}x")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({

@@ -51,6 +51,9 @@ def test_overrides_are_typed_and_nested():
     ("baselines.pix2pixcm.image_size=128", "baselines.pix2pixcm.image_size"),
     ("cluster.num_workers=0", "cluster.num_workers"),
     ("tracking.on_error=ignore", "tracking.on_error"),
+    ("data.decode=device", "data.decode='device': decoding on the device reads JPEG bytes from shards"),
+    ("data.decode=gpu", "data.decode"),
+    ("data.prefetch_factor=-1", "data.prefetch_factor"),
 ])
 def test_bad_values_name_the_setting(override, culprit):
     if culprit is None:
@@ -159,6 +162,12 @@ def test_auto_loader_workers_follow_the_cpus_of_the_process(monkeypatch):
     from geco.data import source
 
     assert load_config(None, ["data.num_workers=3"]).data.loader_workers == 3
+    # Prefetch: 2 batches of decoded images per worker; JPEG-byte batches are small, so
+    # decode=device keeps more in flight (>= 8 per rank); none without workers.
+    data = load_config(None, ["data.decode=device", "data.shards=s3://b/p"]).data
+    assert [data.loader_prefetch(w) for w in (0, 1, 2, 16)] == [None, 8, 4, 4]
+    assert load_config(None, []).data.loader_prefetch(4) == 2
+    assert load_config(None, ["data.prefetch_factor=6"]).data.loader_prefetch(4) == 6
     auto = load_config(None, ["data.num_workers=-1"]).data
     monkeypatch.setattr(source.os, "sched_getaffinity", lambda pid: set(range(16)),
                         raising=False)

@@ -301,3 +301,74 @@ def test_wrong_secret_is_refused_by_name(data, s3_env, monkeypatch):
     with pytest.raises(GecoError, match="stream-auth/manifest.json") as err:
         load_manifest(url)
     assert "not-the-secret" not in str(err.value)
+
+
+# --- decoding on the training device (data.decode=device; libjpeg here, nvJPEG on a GPU) -------
+
+def _on_device(batches, device="cpu"):
+    from geco.data.jpeg import decode_batch
+
+    out = []
+    for b in batches:
+        skipped = b.pop("skipped")
+        b, lost = decode_batch(b, torch.device(device))
+        out.append((b, skipped + lost))
+    return out
+
+
+def test_device_decoding_matches_the_cpu_path(data):
+    """JPEG bytes through the DataLoader (pinned where asked), decoded after it: the same rows,
+    the same images up to the two JPEG decoders' rounding."""
+    _, _, root = data
+    from geco.data.jpeg import JpegBatch
+
+    cpu = _run(_stream(root), epoch=1, workers=2)
+    raw = _run(_stream(root, decode="device"), epoch=1, workers=2)
+    assert isinstance(raw[0]["top"], JpegBatch) and raw[0]["top"].data[0].dim() == 1
+    dev = _on_device(raw)
+    assert len(dev) == len(cpu)
+    for (b, skipped), c in zip(dev, cpu, strict=True):
+        assert skipped == 0 and torch.equal(b["index"], c["index"])
+        for k in ("top", "bottom"):
+            assert b[k].shape == c[k].shape and b[k].dtype == torch.float32
+            assert (b[k] - c[k]).abs().max() < 0.1, k  # a few uint8 levels at most
+
+
+def test_device_decoding_resizes_to_the_training_size(data, tmp_path):
+    splits, images, _ = data
+    write_shards({"train": splits["train"]}, images, tmp_path,
+                 ShardSpec(image_size=96, samples_per_shard=200), source="x")
+    cpu = _run(_stream(tmp_path, draft=False), epoch=0)[0]
+    (dev, _), = _on_device(_run(_stream(tmp_path, decode="device"), epoch=0)[:1])
+    assert dev["top"].shape == cpu["top"].shape == (16, 3, 64, 64)
+    # PIL's and torch's antialiased bicubic differ slightly; the pictures are the same.
+    assert (dev["top"] - cpu["top"]).abs().mean() < 0.05
+
+
+def test_device_decoding_names_or_skips_a_corrupt_jpeg(data, tmp_path):
+    splits, _, root = data
+    root = _copy(root, tmp_path / "s")
+    key = _corrupt_sample(root / "train-000002.tar", 5)
+    batches = [b for r in range(2) for b in
+               _run(_stream(root, rank=r, world_size=2, decode="device"), workers=2)]
+    with pytest.raises(DataError) as err:
+        _on_device([dict(b) for b in batches])
+    assert "train-000002.tar" in str(err.value) and key in str(err.value)
+    assert "top.jpg" in str(err.value)
+    results = _on_device([b for r in range(2) for b in _run(
+        _stream(root, rank=r, world_size=2, decode="device", on_bad="skip"), workers=2)])
+    seen = [i for b, _ in results for i in b["index"].tolist()]
+    assert sum(s for _, s in results) == 1 and int(key) not in seen
+    assert len(seen) == len(set(seen)) == len(splits["train"]) - 1
+    for b, _ in results:
+        assert b["top"].shape[0] == b["bottom"].shape[0] == b["index"].shape[0]
+
+
+def test_device_decoding_is_refused_where_it_cannot_apply(data):
+    _, _, root = data
+    from geco.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="decode=device"):
+        _stream(root, "valid", kind="eval", decode="device")
+    with pytest.raises(ConfigError, match="decode"):
+        _stream(root, decode="gpu")

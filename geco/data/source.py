@@ -68,6 +68,12 @@ class DataConfig:
     # DataLoader worker processes per rank; -1 = sized from the CPUs this process may use
     # (loader_workers).
     num_workers: int = resumable(2)
+    # Batches each loader worker keeps ready; 0 = sized by `loader_prefetch`.
+    prefetch_factor: int = resumable(0)
+    # Where training images are decoded: "cpu" (loader workers, PIL) or "device" (the
+    # training device: nvJPEG on a GPU, for nodes whose CPUs cannot keep up; shards only;
+    # geco.data.jpeg).
+    decode: Literal["cpu", "device"] = resumable("cpu")
     # Training pairs streamed from WebDataset shards (`geco data shard`): a folder or an
     # s3://bucket/prefix holding manifest.json; validation and test then read the shards'
     # eval and catalogue sets too, and `root` is not read. Empty = read `root` directly.
@@ -87,6 +93,9 @@ class DataConfig:
                 "must be a power of two >= 16 (U-Net depth)")
         at_least(f"{key}.n_negatives", self.n_negatives, 3, "AUC-1vs3 needs 3 negatives")
         at_least(f"{key}.num_workers", self.num_workers, -1, "-1 = auto")
+        at_least(f"{key}.prefetch_factor", self.prefetch_factor, 0, "0 = auto")
+        require(self.decode == "cpu" or bool(self.shards), f"{key}.decode", self.decode,
+                "decoding on the device reads JPEG bytes from shards: set data.shards too")
 
     @property
     def loader_workers(self) -> int:
@@ -95,6 +104,20 @@ class DataConfig:
         if self.num_workers >= 0:
             return self.num_workers
         return max(0, min(16, available_cpus() - 1))
+
+
+    def loader_prefetch(self, workers: int) -> int | None:
+        """prefetch_factor for a DataLoader with `workers` workers (None without workers).
+        Auto: 2 batches per worker of decoded images; with decode=device a batch is a few
+        hundred KiB of JPEG bytes, so 4 batches per worker and at least 8 per rank in flight,
+        which hides S3 latency when a GPU eats batches faster than one worker reads them."""
+        if workers == 0:
+            return None
+        if self.prefetch_factor:
+            return self.prefetch_factor
+        if self.decode == "cpu":
+            return 2
+        return max(4, -(-8 // workers))
 
 
 def available_cpus() -> int:
@@ -284,9 +307,11 @@ class ShardData:
                      num_workers: int) -> Loader:
         # A shard stream batches itself, per rank and worker, with equal steps per rank.
         stream = self._stream("train", transform, rank=rt.rank, world_size=rt.world_size,
-                              seed=seed, batch_size=batch_size, on_bad=self.cfg.on_bad_image)
+                              seed=seed, batch_size=batch_size, on_bad=self.cfg.on_bad_image,
+                              decode=self.cfg.decode)
         loader = DataLoader(stream, batch_size=None, num_workers=num_workers,
                             pin_memory=rt.device.type == "cuda",
+                            prefetch_factor=self.cfg.loader_prefetch(num_workers),
                             persistent_workers=num_workers > 0)
         return Loader(loader, stream)
 

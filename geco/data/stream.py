@@ -43,6 +43,7 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from geco.data.images import ON_BAD, check_choice
+from geco.data.jpeg import JPEG_MAGIC, JpegBatch
 from geco.errors import ConfigError, DataError
 
 log = logging.getLogger("geco")
@@ -220,7 +221,8 @@ class ShardStream(IterableDataset):
     def __init__(self, urls: Sequence[str], *, kind: str, transform: Callable[[Image.Image], Tensor],
                  rank: int = 0, world_size: int = 1, seed: int = 0, batch_size: int,
                  n_samples: Sequence[int], on_bad: str = "error", shuffle: bool | None = None,
-                 shuffle_buffer: int = 1000, draft: bool = True, fast: bool = True):
+                 shuffle_buffer: int = 1000, draft: bool = True, fast: bool = True,
+                 decode: str = "cpu"):
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
         check_choice("on_bad", on_bad, ON_BAD)
@@ -239,6 +241,11 @@ class ShardStream(IterableDataset):
         self.shuffle_buffer = shuffle_buffer
         self.draft_size = _resize_size(transform) if draft else None
         self.fast = _fast_normalise(transform) if fast else None
+        check_choice("decode", decode, ("cpu", "device"))
+        if decode == "device" and (kind != "train" or self.fast is None):
+            raise ConfigError("data.decode=device applies to training batches with the "
+                              "standard resize+normalise transform only")
+        self.on_device = decode == "device"
         self.steps = steps_per_rank(sum(self.counts), batch_size, world_size, kind)
         # Shared memory: persistent DataLoader workers see set_epoch from the main process.
         self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()
@@ -356,7 +363,11 @@ class ShardStream(IterableDataset):
         return sample
 
     # decoding and batching
-    def _img(self, sample: dict[str, Any], field: str) -> Tensor:
+    def _img(self, sample: dict[str, Any], field: str) -> Any:
+        if self.on_device and sample[field][:2] == JPEG_MAGIC:
+            # Left undecoded for geco.data.jpeg (bytearray: a writable buffer to wrap).
+            name = f"shard {sample['__url__']}: sample {sample['__key__']!r}: {field}"
+            return torch.frombuffer(bytearray(sample[field]), dtype=torch.uint8), name
         try:
             im = decode_jpeg(sample[field], self.draft_size)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -367,9 +378,15 @@ class ShardStream(IterableDataset):
         size = self.fast[0]
         if im.size != (size, size):
             im = im.resize((size, size), Image.Resampling.BICUBIC)
-        return torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())  # HxWxC, see _stack
+        x = torch.from_numpy(np.asarray(im, dtype=np.uint8).copy())  # HxWxC, see _stack
+        return (x, "") if self.on_device else x
 
-    def _stack(self, images: list[Tensor]) -> Tensor:
+    def _stack(self, images: list[Any]) -> Any:
+        if self.on_device:
+            size, mean, std = self.fast
+            return JpegBatch([d for d, _ in images], [n for _, n in images], size,
+                             tuple(mean.flatten().tolist()), tuple(std.flatten().tolist()),
+                             self.on_bad)
         x = torch.stack(images)
         if self.fast is None:
             return x

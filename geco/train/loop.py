@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from geco.config import drift
+from geco.data.jpeg import decode_batch
 from geco.data.source import open_data
 from geco.errors import ConfigError, DataError, GecoError
 from geco.models.geco import cigm_path
@@ -238,6 +239,11 @@ def fit(
                         f"(epoch {epoch + 1}, step {step}); see the warnings above"
                     )
                 skipped += int(batch.pop("skipped", 0))
+                batch, lost = decode_batch(batch, rt.device)  # data.decode=device
+                skipped += lost
+                if batch is None:
+                    raise DataError(f"[{stage.name}] no image of a training batch could be "
+                                    f"decoded (epoch {epoch + 1}, step {step})")
                 data_time = time.perf_counter() - t_data
                 parts = stage.train_step(batch)
                 n = int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
