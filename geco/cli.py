@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         t.add_argument("--no-resume", action="store_true",
                        help="start over even if the run dir holds a checkpoint")
         if stage == "geco":
-            t.add_argument("--cigm", help="CIGM checkpoint (default <run-dir>/cigm/last.pt)")
+            t.add_argument("--cigm", help="CIGM checkpoint (default <run-dir>/cigm/best.pt, else last.pt)")
         _common(t)
 
     ev = sub.add_parser("evaluate", help="metrics of a trained GECo on a split")
@@ -67,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(paper Tables 2 and 3) -> <run-dir>/compare/")
     comp.add_argument("--models", default="all",
                       help="comma-separated: geco, mgcm, pix2pixcm, bpr-dae, popularity, "
-                           "random, or all (default)")
+                           "random, geco-constant, geco-toponly; all (default: GECo and the "
+                           "five baselines), ablations (GECo and its template ablations)")
     comp.add_argument("--split", default="test", choices=("valid", "test"))
     comp.add_argument("--no-train", action="store_true",
                       help="do not train GECo when <run-dir>/geco/best.pt is missing")

@@ -53,10 +53,16 @@ class ModelEntry:
     # An untrained scorer from the config (Random, Popularity); None: a trainable model, whose
     # stage (geco.train.loop.STAGES) gives the scorer once trained. GECo is scored apart.
     make: Callable[[Config], Scorer] | None = None
+    # A GECo ablation (Table 4's extension): the geco.template it trains with.
+    template: str | None = None
 
     @property
     def trainable(self) -> bool:
         return self.make is None
+
+    @property
+    def ablation(self) -> bool:
+        return self.template is not None
 
 
 # Name -> entry, in the row order of the paper's Tables 2 and 3.
@@ -67,22 +73,34 @@ MODELS: dict[str, ModelEntry] = {
     "bpr-dae": ModelEntry("BPR-DAE"),
     "popularity": ModelEntry("Popularity", lambda cfg: PopularityScorer()),
     "random": ModelEntry("Random", lambda cfg: RandomScorer(cfg.eval.seed)),
+    # What the template adds (docs/model.md §3.1): GECo trained with a grey template, and
+    # with a query of the top alone; same CIGM, data and settings as the GECo row.
+    "geco-constant": ModelEntry("GECo, constant template", template="constant"),
+    "geco-toponly": ModelEntry("GECo, top only", template="none"),
 }
+ABLATIONS = tuple(n for n, e in MODELS.items() if e.ablation)
 
 
 def parse_models(models: str | Iterable[str]) -> list[str]:
-    """Model names (a comma-separated string or a list; "all" = every model) -> known names,
-    deduplicated, in the paper's table order. Unknown names raise ConfigError."""
+    """Model names (a comma-separated string or a list; "all" = GECo and the five baselines,
+    "ablations" = GECo and its template ablations) -> known names, deduplicated, in table
+    order. Unknown names raise ConfigError."""
     if isinstance(models, str):
         models = models.split(",")
-    names = [m.strip().lower() for m in models if m.strip()]
-    if names == ["all"]:
-        names = list(MODELS)
+    names: list[str] = []
+    for m in (m.strip().lower() for m in models if m.strip()):
+        if m == "all":
+            names += [n for n in MODELS if n not in ABLATIONS]
+        elif m == "ablations":
+            names += ["geco", *ABLATIONS]
+        else:
+            names.append(m)
     if not names:
         raise ConfigError(f"--models: name at least one model (available: {', '.join(MODELS)})")
     for name in names:
         if name not in MODELS:
-            raise ConfigError(f"unknown model {name!r} (available: {', '.join(MODELS)}, or all)")
+            raise ConfigError(f"unknown model {name!r} (available: {', '.join(MODELS)}, all, "
+                              "or ablations)")
     return [name for name in MODELS if name in names]
 
 
@@ -106,7 +124,9 @@ def run_compare(cfg: Config, run_dir: str | Path, models: str | Iterable[str] = 
     try:
         if "geco" in names:
             results["geco"] = run_geco(cfg, run_dir, split, data)
-        for name in (n for n in names if n != "geco"):
+        for name in (n for n in names if MODELS[n].ablation):
+            results[name] = run_ablation(name, cfg, run_dir, split, data)
+        for name in (n for n in names if n != "geco" and not MODELS[n].ablation):
             results[name] = run_baseline(name, cfg, run_dir, split, data)
         result = assemble(cfg, split, results, run_dir / "compare")
         write_outputs(result, run_dir / "compare")
@@ -173,6 +193,34 @@ def run_geco(cfg: Config, run_dir: Path, split: str, data) -> dict[str, Any]:
               "trained_config": out["trained_config"], "trained_here": trained_here,
               "seconds": time.perf_counter() - t0}
     _log_row("GECo", result["metrics"])
+    return result
+
+
+def run_ablation(name: str, cfg: Config, run_dir: Path, split: str, data) -> dict[str, Any]:
+    """A GECo ablation's entry: GECo trained with `geco.template` = the entry's, into
+    <run_dir>/<name>/geco/, with the generator of the run's CIGM (trained first if missing)."""
+    from geco.config import config_from_dict
+    from geco.models.geco import cigm_path
+
+    entry, t0 = MODELS[name], time.perf_counter()
+    generator = cigm_path(cfg, run_dir)
+    if not generator.is_file():
+        log.info("compare: %s needs a CIGM: training it into %s", name, run_dir)
+        save_config(cfg, run_dir / "cigm" / "config.yaml")
+        train(cfg, "cigm", run_dir, data=data)
+        generator = cigm_path(cfg, run_dir)
+    vcfg = config_from_dict(cfg.to_dict())
+    vcfg.geco.template, vcfg.geco.cigm_checkpoint = entry.template, str(generator.resolve())
+    ckpt_path = geco_checkpoint(run_dir / name)
+    trained_here = not ckpt_path.is_file()
+    if trained_here:
+        save_config(vcfg, run_dir / name / "geco" / "config.yaml")
+        train(vcfg, "geco", run_dir / name, data=data)
+    out = evaluate_checkpoint(vcfg, ckpt_path, split, data)
+    result = {"label": entry.label, "metrics": out["metrics"], "checkpoint": str(ckpt_path),
+              "epoch": out["epoch"], "template": entry.template, "trained_here": trained_here,
+              "seconds": time.perf_counter() - t0}
+    _log_row(entry.label, result["metrics"])
     return result
 
 
@@ -295,7 +343,8 @@ def _fmt(value: Any) -> str:
 
 def format_comparison(result: dict[str, Any]) -> str:
     """Markdown: the paper's Tables 2 and 3 (rows = models) and the other ranking metrics."""
-    models = result["models"]
+    everything = result["models"]
+    models = {n: r for n, r in everything.items() if not MODELS[n].ablation}
     ds = result["dataset_name"]
     lines = [f"# Comparison on {ds} ({result['split']} split: {result['n_queries']} queries, "
              f"{result['n_candidates']} candidates in the full ranking)", ""]
@@ -312,13 +361,21 @@ def format_comparison(result: dict[str, Any]) -> str:
         lines.append(f"| {r['label']} | {_fmt(m.get('recall_at_1'))} | "
                      f"{_fmt(m.get('recall_at_10'))} | {_fmt(m.get('ndcg_at_10'))} | "
                      f"{_fmt(m.get('mrr_full_vs_random'))} |")
+    ablations = {n: r for n, r in everything.items() if n == "geco" or MODELS[n].ablation}
+    if len(ablations) > 1:
+        lines += ["", "## Table 4, extended: what the template adds", "",
+                  "| Model | AUC-1vs1 | AUC-1vs3 | MRR-1vs9 | MRR-full |", "|---|---|---|---|---|"]
+        for r in ablations.values():
+            m = r["metrics"]
+            lines.append(f"| {r['label']} | {_fmt(m.get('auc_1vs1'))} | {_fmt(m.get('auc_1vs3'))}"
+                         f" | {_fmt(m.get('mrr_1vs9'))} | {_fmt(m.get('mrr_full'))} |")
     n = result["n_candidates"]
     lines += ["", f"Chance level: AUC 0.5000, MRR-1vs9 {random_expectations(10)['mrr']:.4f}, "
               f"MRR-full {random_expectations(n)['mrr']:.4f} (H_U/U, U = {n}). AUC is strict "
               f"(ties lose); ranks use the '{result['ties']}' tie rule."]
     sources = [f"{r['label']}: {r['checkpoint']}" + (f" (epoch {r['epoch']})" if "epoch" in r
                                                      else "")
-               for r in models.values() if r.get("checkpoint")]
+               for r in everything.values() if r.get("checkpoint")]
     if sources:
         lines.append("Checkpoints: " + "; ".join(sources) + ".")
     return "\n".join(lines) + "\n"

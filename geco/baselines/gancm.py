@@ -300,7 +300,8 @@ def save_gancm_grid(model: GanCMModel, tops: Tensor, bottoms: Tensor, path: Path
     finally:
         g.train(was_training)
     return save_rows([denormalize_gan(tops.cpu()), denormalize_gan(fake),
-                      denormalize_gan(bottoms.cpu())], path)
+                      denormalize_gan(bottoms.cpu())], path,
+                     labels=["top", "template", "true bottom"])
 
 
 # --------------------------------------------------------------------------- training stage

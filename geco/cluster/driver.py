@@ -601,6 +601,10 @@ def compare_pipeline(cfg: Config, models: str, *, split: str = "test") -> dict[s
     from geco.tracking import resolve_uri
 
     names = parse_models(models)
+    ablations = [n for n in names if MODELS[n].ablation]
+    if ablations:
+        raise ConfigError(f"compare on Ray: the GECo ablations ({', '.join(ablations)}) run "
+                          "with `geco compare` for now (one process); leave them out of --models")
     root = compare_root(cfg)
     c = cfg.cluster
     if cfg.tracking.enabled:

@@ -87,12 +87,15 @@ def unpack(checkpoint, stage: str, work: Path) -> None:
 
 def fetch_generator(source: Any, work: Path) -> Path:
     """The CIGM generator as a local file. `source`: the CIGM stage's Ray checkpoint, a Ray
-    checkpoint folder URI/path (holding cigm/last.pt), or a CIGM .pt file (local or s3://)."""
+    checkpoint folder URI/path (holding cigm/last.pt), or a CIGM .pt file (local or s3://).
+    From a checkpoint or folder it is the epoch CIGM selected (best.pt, else last.pt)."""
+    from geco.models.geco import selected_generator
+
     dest = work / "cigm" / "last.pt"
     dest.parent.mkdir(parents=True, exist_ok=True)
     if not isinstance(source, str):  # a ray.train.Checkpoint
         unpack(source, "cigm", work)
-        return dest
+        return selected_generator(work / "cigm")
     if source.endswith(".pt"):
         if source.startswith("s3://"):
             from geco.data.storage import Storage
@@ -107,8 +110,8 @@ def fetch_generator(source: Any, work: Path) -> Path:
         import ray.train
 
         unpack(ray.train.Checkpoint(source), "cigm", work)
-        return dest
-    path = Path(source) / "cigm" / "last.pt"
+        return selected_generator(work / "cigm")
+    path = selected_generator(Path(source) / "cigm")
     if not path.is_file():
         raise GecoError(f"no cigm/last.pt under {source}")
     return path

@@ -13,7 +13,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 from torchvision import transforms as T
-from torchvision.utils import save_image
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -71,11 +70,38 @@ def denormalize_imagenet(x: Tensor) -> Tensor:
     return _to_unit_imagenet(x).clamp(0.0, 1.0)
 
 
-def save_rows(columns: list[Tensor], path: Path) -> Path:
+def save_rows(columns: list[Tensor], path: Path, labels: list[str] | None = None,
+              cell: int = 128) -> Path:
     """A PNG grid with one row per item and one column per tensor (each Nx3xHxW in [0,1]),
-    e.g. top | template | true bottom."""
-    rows = torch.stack([c.float().cpu() for c in columns], dim=1)
+    e.g. top | templates | true bottom. Images smaller than `cell` are enlarged by a whole
+    factor (nearest: every generated pixel stays visible); `labels` head the columns."""
+    import math
+
+    import numpy as np
+    from PIL import Image, ImageDraw, ImageFont
+
+    rows = torch.stack([c.float().cpu().clamp(0, 1) for c in columns], dim=1)  # N, C, 3, H, W
+    n, ncol, _, h, w = rows.shape
+    factor = max(1, math.ceil(cell / max(h, w)))
+    if factor > 1:
+        rows = rows.flatten(0, 1).repeat_interleave(factor, -2).repeat_interleave(factor, -1)
+        rows = rows.view(n, ncol, 3, h * factor, w * factor)
+    h, w, pad = h * factor, w * factor, 2
+    head = 18 if labels else 0
+    canvas = Image.new("RGB", (ncol * (w + pad) + pad, head + n * (h + pad) + pad), "white")
+    pixels = (rows.permute(0, 1, 3, 4, 2).numpy() * 255).round().astype(np.uint8)
+    for r in range(n):
+        for c in range(ncol):
+            canvas.paste(Image.fromarray(pixels[r, c]),
+                         (pad + c * (w + pad), head + pad + r * (h + pad)))
+    if labels:
+        draw = ImageDraw.Draw(canvas)
+        try:
+            font = ImageFont.load_default(size=13)
+        except TypeError:  # Pillow < 10.1: the fixed bitmap font
+            font = ImageFont.load_default()
+        for c, text in enumerate(labels[:ncol]):
+            draw.text((pad + c * (w + pad) + 3, 2), text, fill="black", font=font)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(rows.flatten(0, 1).clamp(0, 1), path, nrow=len(columns), padding=2,
-               pad_value=1.0)
+    canvas.save(path)
     return path

@@ -4,18 +4,22 @@ reference's unused `down6`), the adversarial + λ·L1 losses, the training stage
 geco.train.loop, and the template grids.
 
 Per step (docs/model.md §2.3): one generator draw; a discriminator step on (real, detached fake); then a
-generator step with adversarial + λ·L1 against the just-updated discriminator. No epoch
-selection: the generator after the last epoch is the one GECo uses (`cigm/last.pt`).
+generator step with adversarial + λ·L1 against the just-updated discriminator. After every
+epoch the templates are measured on the validation split (geco.models.template_quality) and
+the epoch whose templates retrieve the true bottoms best, among those that have not
+collapsed, is kept as `cigm/best.pt`, the generator GECo trains with
+(`cigm.selection_metric: last` keeps the reference's choice: the last epoch).
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +40,9 @@ from geco.train.runtime import Runtime, load_checkpoint, unwrap
 if TYPE_CHECKING:
     from geco.config import Config
     from geco.data.source import FolderData, ShardData
+    from geco.models.template_quality import ValidationSet
+
+log = logging.getLogger("geco")
 
 
 @dataclass
@@ -51,6 +58,16 @@ class CIGMConfig:
     init_discriminator: bool = True  # False reproduces the reference (only G is initialised)
     max_steps_per_epoch: int = 0  # 0 = full epoch; >0 caps steps (smoke runs)
     n_samples: int = resumable(8)  # validation tops in the per-epoch template grid
+    # Which epoch's generator GECo uses: the best on this template-quality metric (validation
+    # rows; a collapsed epoch scores 0), or "last" (the reference).
+    selection_metric: Literal["template_feat_mrr_full", "template_l1_mrr_full",
+                              "template_feat_auc_1vs1", "template_l1_auc_1vs1", "last"] = (
+        "template_feat_mrr_full")
+    quality_rows: int = resumable(512)  # validation rows the templates are measured on; 0 = all
+    quality_noises: int = resumable(4)  # noise draws per top (diversity between noises)
+    # Collapse: templates' contrast or diversity between tops below this share of the real
+    # bottoms'.
+    collapse_ratio: float = resumable(0.1)
 
     def validate(self, key: str) -> None:
         for name in ("features", "epochs", "batch_size"):
@@ -58,6 +75,9 @@ class CIGMConfig:
         learning_rate(f"{key}.lr", self.lr)
         adam_betas(f"{key}.betas", self.betas)
         finite_nonnegative(f"{key}.lambda_l1", self.lambda_l1)
+        at_least(f"{key}.quality_rows", self.quality_rows, 0, "0 = every validation row")
+        at_least(f"{key}.quality_noises", self.quality_noises, 1)
+        finite_nonnegative(f"{key}.collapse_ratio", self.collapse_ratio)
 
 
 def _down(cin: int, cout: int) -> nn.Sequential:
@@ -280,7 +300,15 @@ class CIGMStage:
         tf = gan_transform(cfg.data.image_size)
         self.loader = data.train_loader(tf, rt=rt, batch_size=c.batch_size,
                                         seed=cfg.runtime.seed, num_workers=cfg.data.loader_workers)
-        self.sample_set = data.sample_pairs("valid", c.n_samples, tf) if rt.is_main else []
+        # Template quality (rank 0 measures, every rank gets the numbers to select on).
+        self.quality_set = self.features = None
+        if rt.is_main:
+            from geco.models.template_quality import ValidationSet, feature_space
+
+            self.quality_set = ValidationSet(data, "valid", cfg.data.image_size, c.quality_rows,
+                                             batch_size=cfg.eval.batch_size)
+            self.features, self.feature_name = feature_space(cfg.geco.backbone, rt.device,
+                                                             seed=cfg.eval.seed)
 
         g, d = build_cigm(c.features, c.noise_dim, cfg.data.image_size,
                           init_discriminator=c.init_discriminator)
@@ -335,15 +363,59 @@ class CIGMStage:
         return {"d_loss": float(loss_d), **parts}
 
     def end_epoch(self, epoch: int, out_dir: Path) -> dict[str, float]:
-        if self.rt.is_main:
-            save_template_grid(
-                unwrap(self.g), self.sample_set, out_dir / "samples" / f"epoch_{epoch + 1:03d}.png",
-                rt=self.rt, seed=self.cfg.eval.seed, space="gan",
-            )
-        return {}
+        from geco.models.template_quality import describe, measure
 
-    def selection(self) -> None:
-        return None
+        c, metrics = self.cfg.cigm, None
+        if self.rt.is_main:
+            g = unwrap(self.g)
+            metrics, _ = measure(g, self.quality_set, rt=self.rt, seed=self.cfg.eval.seed,
+                                 noises=c.quality_noises, collapse_ratio=c.collapse_ratio,
+                                 features=self.features, batch_size=self.cfg.eval.batch_size)
+            chosen = metrics.get(c.selection_metric, metrics["template_l1_mrr_full"])
+            metrics["template_score"] = 0.0 if metrics["template_collapsed"] else chosen
+            log.info("[cigm] epoch %d templates on %d valid rows: %s", epoch + 1,
+                     len(self.quality_set), describe(metrics))
+            if metrics["template_collapsed"]:
+                log.warning("[cigm] epoch %d: TEMPLATES COLLAPSED (contrast %.3f, diversity "
+                            "between tops %.3f of the real bottoms'; threshold %.2f): GECo "
+                            "would learn nothing from them; this epoch will not be selected",
+                            epoch + 1, metrics["template_contrast"],
+                            metrics.get("template_div_ratio", float("nan")), c.collapse_ratio)
+            save_template_grid(
+                g, self.quality_set, out_dir / "samples" / f"epoch_{epoch + 1:03d}.png",
+                rt=self.rt, seed=self.cfg.eval.seed, n=c.n_samples,
+            )
+        return self.rt.broadcast_object(metrics)
+
+    def selection(self) -> tuple[str, str] | None:
+        if self.cfg.cigm.selection_metric == "last":
+            return None
+        return "template_score", "max"
+
+    def report(self, summary: dict[str, Any]) -> dict[str, Any]:
+        """The fit summary's template section (logged on rank 0): which epoch GECo gets, its
+        template metrics, and every epoch whose templates collapsed."""
+        history = summary["history"]
+        collapsed = [r["epoch"] for r in history if r.get("template_collapsed")]
+        epoch = summary["best"]["epoch"] or (history[-1]["epoch"] if history else None)
+        chosen = next((r for r in history if r["epoch"] == epoch), {})
+        out = {"generator_epoch": epoch, "collapsed_epochs": collapsed,
+               "generator_collapsed": bool(chosen.get("template_collapsed")),
+               "generator_templates": {k: v for k, v in chosen.items()
+                                       if k.startswith("template_")}}
+        if self.rt.is_main and history:
+            from geco.models.template_quality import describe
+
+            log.info("[cigm] GECo gets the generator of epoch %s (%s): %s", epoch,
+                     "selected on " + self.cfg.cigm.selection_metric
+                     if summary["best"]["epoch"] else "the last epoch", describe(chosen))
+            if out["generator_collapsed"]:
+                log.warning("[cigm] THE GENERATOR GECo GETS HAS COLLAPSED TEMPLATES (epochs "
+                            "collapsed: %s): GECo will be a top-only retriever; see "
+                            "docs/model.md §2.5", collapsed)
+            elif collapsed:
+                log.warning("[cigm] templates collapsed in epochs %s (not selected)", collapsed)
+        return out
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -378,21 +450,30 @@ def load_generator(path: str | Path, device: torch.device) -> tuple[Generator, d
 
 @torch.no_grad()
 def save_template_grid(
-    generator: Generator, pairs: list[dict[str, Tensor]], path: Path, *, rt: Runtime, seed: int,
-    space: str = "gan", faithful: bool = False,
+    generator: Generator, pairs: ValidationSet | list[dict[str, Tensor]], path: Path, *,
+    rt: Runtime, seed: int, n: int = 8, noises: int = 3, space: str = "gan",
+    faithful: bool = False,
 ) -> Path:
-    """One row per pair: top | template | true bottom. `pairs` hold {"top", "bottom"} in
-    `space` ("gan" = [-1,1], "imagenet" = GECo's input); the noise is seeded."""
-    items = [it for it in pairs if it is not None]
-    tops = torch.stack([it["top"] for it in items]).to(rt.device)
-    bottoms = torch.stack([it["bottom"] for it in items]).to(rt.device)
+    """One row per validation pair: top | its templates under `noises` seeded noise draws |
+    true bottom, cells of at least 128 px with labelled columns. `pairs` is a ValidationSet
+    (GAN space) or {"top", "bottom"} dicts in `space` ("gan" = [-1,1], "imagenet" = GECo's
+    input, which the generator is given converted, or as is when `faithful`)."""
+    if isinstance(pairs, list):
+        items = [it for it in pairs if it is not None][:n]
+        tops = torch.stack([it["top"] for it in items])
+        bottoms = torch.stack([it["bottom"] for it in items])
+    else:
+        tops, bottoms = pairs.tops[:n], pairs.pos_bottoms[:n]
+    tops, bottoms = tops.to(rt.device), bottoms.to(rt.device)
     gen_in = tops if space == "gan" else imagenet_to_gan(tops, faithful=faithful)
     rng = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(items), generator.noise_dim, generator=rng).to(rt.device)
+    noise = torch.randn(noises, len(tops), generator.noise_dim, generator=rng)
     was_training = generator.training
     generator.eval()
     with rt.autocast():
-        templates = generator(gen_in, noise).float()
+        templates = [generator(gen_in, z.to(rt.device)).float() for z in noise]
     generator.train(was_training)
     to01 = denormalize_gan if space == "gan" else denormalize_imagenet
-    return save_rows([to01(tops), denormalize_gan(templates), to01(bottoms)], path)
+    labels = ["top", *(f"template z{k + 1}" for k in range(noises)), "true bottom"]
+    return save_rows([to01(tops), *(denormalize_gan(t) for t in templates), to01(bottoms)],
+                     path, labels=labels)

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 Regulariser = Literal["reference", "paper"]  # docs/model.md §3.2: the code's term | Eq. 13
 REGULARISERS: tuple[str, ...] = typing.get_args(Regulariser)
 # Validation metrics that can pick the best epoch (all "higher is better").
+# What the query sees besides the top (docs/model.md §3.1; Table 4's extension): the generated
+# template (the paper), a constant grey template (same network, no information), or nothing.
+TemplateMode = Literal["generated", "constant", "none"]
 SelectionMetric = Literal["auc_1vs3", "auc_1vs1", "mrr_1vs9", "mrr_full", "recall_at_1",
                           "recall_at_10", "ndcg_at_10"]
 
@@ -62,7 +65,9 @@ class GECoConfig:
     faithful: bool = False
     # InfoNCE over all ranks' positives (global batch) instead of the local batch (paper).
     global_negatives: bool = False
-    # CIGM generator checkpoint; empty = <run-dir>/cigm/last.pt.
+    # Ablation: "constant" feeds a grey template, "none" a query of the top alone.
+    template: TemplateMode = "generated"
+    # CIGM generator checkpoint; empty = <run-dir>/cigm/best.pt (else last.pt).
     cigm_checkpoint: str = resumable("")
     max_steps_per_epoch: int = 0
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -96,10 +101,12 @@ def validate_geco_loss(alpha: float, beta: float, gamma: float, tau: float) -> N
 class GECo(nn.Module):
     """Shared backbone + one linear projection per branch; score = plain dot product."""
 
-    def __init__(self, backbone: nn.Module, feat_dim: int = 512, emb_dim: int = 128) -> None:
+    def __init__(self, backbone: nn.Module, feat_dim: int = 512, emb_dim: int = 128,
+                 template: TemplateMode = "generated") -> None:
         super().__init__()
         self.backbone = backbone
-        self.query_proj = nn.Linear(2 * feat_dim, emb_dim)
+        self.template = template
+        self.query_proj = nn.Linear((1 if template == "none" else 2) * feat_dim, emb_dim)
         self.bottom_proj = nn.Linear(feat_dim, emb_dim)
         for lin in (self.query_proj, self.bottom_proj):
             nn.init.xavier_uniform_(lin.weight)
@@ -108,7 +115,9 @@ class GECo(nn.Module):
     def features(self, images: Tensor) -> Tensor:
         return self.backbone(images)
 
-    def query(self, tops: Tensor, templates: Tensor) -> Tensor:
+    def query(self, tops: Tensor, templates: Tensor | None) -> Tensor:
+        if self.template == "none":
+            return self.query_proj(self.features(tops))
         # Separate backbone calls: in train mode each set gets its own BN batch statistics,
         # as in the reference.
         return self.query_proj(torch.cat([self.features(tops), self.features(templates)], dim=1))
@@ -129,7 +138,7 @@ class GECo(nn.Module):
 def build_model(cfg: Config) -> GECo:
     b = cfg.geco.backbone
     backbone = resnet18_features(b.weights, allow_random_init=b.allow_random_init)
-    return GECo(backbone, emb_dim=cfg.geco.emb_dim)
+    return GECo(backbone, emb_dim=cfg.geco.emb_dim, template=cfg.geco.template)
 
 
 @dataclass
@@ -141,8 +150,14 @@ class Retriever:
     faithful: bool = False
 
     @torch.no_grad()
-    def templates(self, tops: Tensor, noise: Tensor) -> Tensor:
-        """Tops in ImageNet space -> templates in ImageNet space (or raw, if faithful)."""
+    def templates(self, tops: Tensor, noise: Tensor) -> Tensor | None:
+        """Tops in ImageNet space -> templates in ImageNet space (or raw, if faithful); for
+        the ablations a grey image ("constant") or None ("none")."""
+        mode = self.model.template
+        if mode == "none":
+            return None
+        if mode == "constant":
+            return gan_to_imagenet(torch.zeros_like(tops), faithful=self.faithful)
         fake = self.generator(imagenet_to_gan(tops, faithful=self.faithful), noise)
         return gan_to_imagenet(fake.float(), faithful=self.faithful)
 
@@ -244,9 +259,19 @@ def geco_loss(
 # --------------------------------------------------------------------------- training stage
 
 
+def selected_generator(folder: Path) -> Path:
+    """The CIGM checkpoint a stage folder offers GECo: best.pt (the epoch chosen on template
+    quality) when CIGM selected one, else last.pt (cigm.selection_metric=last)."""
+    best = Path(folder) / "best.pt"
+    return best if best.is_file() else Path(folder) / "last.pt"
+
+
 def cigm_path(cfg: Config, run_dir: Path) -> Path:
-    """The generator GECo trains with: geco.cigm_checkpoint, else <run-dir>/cigm/last.pt."""
-    return Path(cfg.geco.cigm_checkpoint) if cfg.geco.cigm_checkpoint else run_dir / "cigm" / "last.pt"
+    """The generator GECo trains with: geco.cigm_checkpoint, else <run-dir>/cigm's selected
+    checkpoint (selected_generator)."""
+    if cfg.geco.cigm_checkpoint:
+        return Path(cfg.geco.cigm_checkpoint)
+    return selected_generator(run_dir / "cigm")
 
 
 class GECoStage:

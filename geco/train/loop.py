@@ -81,7 +81,7 @@ def make_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, *,
                generator: Path | None = None, data=None) -> Stage:
     """The stage `name` on the configured data (opened here unless given). GECo trains with
     the generator file `generator` (a Ray worker's download; geco.cigm_checkpoint then names
-    where it came from), else geco.cigm_checkpoint, else <run_dir>/cigm/last.pt."""
+    where it came from), else geco.cigm_checkpoint, else <run_dir>/cigm/best.pt (or last.pt)."""
     if name not in STAGES:
         raise GecoError(f"unknown model {name!r} to train (known: {', '.join(STAGES)})")
     if name == "geco" and generator is None:
@@ -300,13 +300,17 @@ def fit(
         if on_epoch_end is not None:
             on_epoch_end(record, last_path)
 
-    return {
+    summary = {
         "history": history, "best": best, "last": str(last_path),
         "best_path": str(best_path if best_path.exists() else last_path),
         "resumed_after_epoch": start_epoch,
         "epochs_trained": max(0, len(history) - start_epoch),
         "train_seconds": time.perf_counter() - t_fit,
     }
+    report = getattr(stage, "report", None)  # a stage's own summary section (CIGM: templates)
+    if report is not None:
+        summary.update(report(summary))
+    return summary
 
 
 def _improves(selection: tuple[str, str] | None, metrics: dict[str, float], best: dict) -> bool:

@@ -1,0 +1,98 @@
+"""Template quality (geco.models.template_quality): the retrieval metrics equal a brute-force
+computation, a constant generator is flagged as collapsed while an oracle is not, and CIGM keeps
+the epoch with the best templates as the generator GECo trains with."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from geco.data.source import open_data
+from geco.evaluate import score_rows
+from geco.models.geco import cigm_path
+from geco.models.template_quality import ValidationSet, matrix_metrics, measure
+from geco.train.loop import train
+from geco.train.runtime import Runtime
+
+CPU = Runtime(torch.device("cpu"), 0, 1, 0, None, False)
+
+
+def test_matrix_metrics_equal_the_dot_product_protocol():
+    g = torch.Generator().manual_seed(3)
+    ids = [f"b{i}" for i in range(40)]
+    order = {b: i for i, b in enumerate(ids)}
+    bottoms = torch.randint(-3, 4, (40, 6), generator=g).double()  # integer scores: ties happen
+    queries = torch.randint(-3, 4, (25, 6), generator=g).double()
+    perm = [torch.randperm(40, generator=g).tolist() for _ in range(25)]
+    positives = [ids[p[0]] for p in perm]
+    negatives = [[ids[i] for i in p[1:10]] for p in perm]
+    want = score_rows(queries, bottoms, order, positives, negatives)
+    got = matrix_metrics(queries @ bottoms.T, order, positives, negatives, "t")
+    assert abs(got["t_auc_1vs1"] - want["auc_1vs1"]) < 1e-12
+    assert abs(got["t_mrr_full"] - want["mrr_full"]) < 1e-12
+
+
+class _Constant(nn.Module):
+    noise_dim = 4
+
+    def forward(self, x, z):
+        return torch.full_like(x, 0.8)
+
+
+class _Oracle(nn.Module):
+    """Draws exactly the true bottom of each validation top (looked up by the top's pixels),
+    with a noise-dependent speck so that draws differ."""
+
+    noise_dim = 4
+
+    def __init__(self, vs: ValidationSet):
+        super().__init__()
+        self.table = {t.numpy().tobytes(): b for t, b in zip(vs.tops, vs.pos_bottoms, strict=True)}
+
+    def forward(self, x, z):
+        out = torch.stack([self.table[t.numpy().tobytes()] for t in x]).clone()
+        out[:, :, 0, 0] = z[:, :3].clamp(-1, 1)
+        return out
+
+
+def test_collapse_is_flagged_and_an_oracle_scores_perfectly(synth_small, tiny):
+    data = open_data(tiny(synth_small).data)
+    vs = ValidationSet(data, "valid", 32)
+    assert len(vs) == 96 and vs.bottoms.shape[1:] == (3, 32, 32)
+    flat, _ = measure(_Constant(), vs, rt=CPU, seed=0)
+    assert flat["template_collapsed"] == 1.0
+    assert flat["template_contrast"] < 1e-6 and flat["template_div_ratio"] < 1e-6
+    assert flat["template_div_noise"] < 1e-6
+    oracle, first = measure(_Oracle(vs), vs, rt=CPU, seed=0)
+    assert oracle["template_collapsed"] == 0.0
+    assert oracle["template_l1_mrr_full"] > 0.9 and oracle["template_l1_auc_1vs1"] > 0.95
+    assert abs(oracle["template_div_ratio"] - 1) < 0.05 and oracle["template_div_noise"] > 0
+    assert first.shape == vs.tops.shape
+
+
+def test_cigm_keeps_the_epoch_with_the_best_templates_for_geco(synth_small, tiny, tmp_path):
+    cfg = tiny(synth_small, "cigm.epochs=3", "cigm.max_steps_per_epoch=4")
+    _, summary = train(cfg, "cigm", tmp_path)
+    scores = [r["template_score"] for r in summary["history"]]
+    assert all("template_feat_mrr_full" in r and "template_div_ratio" in r
+               for r in summary["history"])
+    best = max(range(3), key=lambda e: (scores[e], -e)) + 1  # ties keep the earlier epoch
+    assert summary["best"]["epoch"] == summary["generator_epoch"] == best
+    for r in summary["history"]:  # a collapsed epoch scores 0: never chosen over a sound one
+        assert r["template_score"] == (0.0 if r["template_collapsed"] else
+                                       r["template_feat_mrr_full"])
+    assert cigm_path(cfg, tmp_path) == tmp_path / "cigm" / "best.pt"
+    saved = torch.load(tmp_path / "cigm" / "best.pt", weights_only=True)
+    assert saved["epoch"] + 1 == best
+    grid = tmp_path / "cigm" / "samples" / "epoch_003.png"
+    from PIL import Image
+
+    with Image.open(grid) as im:  # 8 rows of >= 128 px cells under a label row
+        assert im.width >= 5 * 128 and im.height >= 8 * 128
+
+    # The reference's choice: the last epoch, no best.pt.
+    last = tiny(synth_small, "cigm.epochs=2", "cigm.max_steps_per_epoch=2",
+                "cigm.selection_metric=last")
+    _, s2 = train(last, "cigm", tmp_path / "last")
+    assert s2["generator_epoch"] == 2 and not (tmp_path / "last" / "cigm" / "best.pt").exists()
+    assert cigm_path(last, tmp_path / "last") == tmp_path / "last" / "cigm" / "last.pt"
