@@ -81,6 +81,7 @@ def evaluate(retriever: Retriever, data: FolderData | ShardData, split: str, *, 
     ids, bottoms, skipped = embed_candidates(
         retriever.bottoms, data, split, rt=rt, image_size=image_size,
         batch_size=cfg.batch_size, num_workers=num_workers)
+    bottoms = retriever.with_prior_bottoms(ids, bottoms)  # geco.popularity_weight
     order = {item: i for i, item in enumerate(ids)}
 
     noise = torch.randn(n_rows, retriever.generator.noise_dim,
@@ -98,7 +99,7 @@ def evaluate(retriever: Retriever, data: FolderData | ShardData, split: str, *, 
                             f"{n_rows} rows of its manifest (manifest out of date?)")
         with rt.autocast():
             q = retriever.queries(rt.to_device(batch["top"]), noise[index].to(rt.device))
-        q = q.float().cpu()
+        q = retriever.with_prior_queries(q.float().cpu())
         for i, r in enumerate(index.tolist()):
             rows.append((r, q[i], batch["bottom_id"][i], batch["negatives"][i]))
     rows.sort(key=lambda row: row[0])

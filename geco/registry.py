@@ -56,7 +56,7 @@ class Bundle:
     retriever: Any  # geco.models.geco.Retriever
     image_size: int
     ids: list[str]
-    embeddings: torch.Tensor  # [N, d] float32
+    embeddings: torch.Tensor  # [N, d] float32, plus the prior column with a popularity weight
 
 
 def load_catalogue(path: str | Path) -> dict[str, Any]:
@@ -90,7 +90,8 @@ def load_bundle(geco_checkpoint: str | Path, generator_checkpoint: str | Path,
     dim = retriever.model.bottom_proj.out_features
     if emb.dim() != 2 or emb.shape[1] != dim:
         raise GecoError(f"catalogue {catalogue}: embeddings {tuple(emb.shape)}, model has {dim}-d")
-    return Bundle(retriever, size, [str(i) for i in cat["ids"]], emb)
+    ids = [str(i) for i in cat["ids"]]
+    return Bundle(retriever, size, ids, retriever.with_prior_bottoms(ids, emb))
 
 
 def _image_values(model_input: Any) -> list[Any]:
@@ -161,6 +162,7 @@ def rank(bundle: Bundle, model_input: Any, *, k: int = DEFAULT_K, seed: int = DE
     for start in range(0, len(tops), _BATCH):  # Retriever methods run under no_grad
         x = torch.stack(tops[start:start + _BATCH])
         q = bundle.retriever.queries(x, query_noise(bundle.retriever, len(x), seed)).float()
+        q = bundle.retriever.with_prior_queries(q)  # geco.popularity_weight
         # A stable sort keeps ties in catalogue order, so rankings are reproducible.
         scores, order = torch.sort(q @ bundle.embeddings.T, dim=1, descending=True, stable=True)
         for i in range(len(x)):
@@ -268,7 +270,7 @@ def _requirements() -> list[str]:
 
 # What serving needs of each checkpoint's `state`: optimiser and discriminator state would
 # triple the size of every registered version for nothing.
-_SERVING_STATE = {"geco": ("model",), "cigm": ("generator",)}
+_SERVING_STATE = {"geco": ("model", "prior"), "cigm": ("generator",)}
 
 
 def _serving_copy(src: str | Path, stage: str, dst: Path) -> str:
@@ -280,7 +282,8 @@ def _serving_copy(src: str | Path, stage: str, dst: Path) -> str:
     if ckpt.get("stage") != stage:
         raise GecoError(f"{src} is not a {stage.upper()} checkpoint (stage={ckpt.get('stage')!r})")
     slim = {key: value for key, value in ckpt.items() if key not in ("state", "history")}
-    slim["state"] = {key: ckpt["state"][key] for key in _SERVING_STATE[stage]}
+    slim["state"] = {key: ckpt["state"][key] for key in _SERVING_STATE[stage]
+                     if key in ckpt["state"]}  # "prior": GECo checkpoints since the prior
     torch.save(slim, dst)
     return str(dst)
 

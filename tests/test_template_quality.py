@@ -61,7 +61,8 @@ def test_collapse_is_flagged_and_an_oracle_scores_perfectly(synth_small, tiny):
     assert len(vs) == 96 and vs.bottoms.shape[1:] == (3, 32, 32)
     flat, _ = measure(_Constant(), vs, rt=CPU, seed=0)
     assert flat["template_collapsed"] == 1.0
-    assert flat["template_contrast"] < 1e-6 and flat["template_div_ratio"] < 1e-6
+    assert flat["template_blank"] == 1.0 and flat["template_coverage"] == 0.0
+    assert flat["template_div_ratio"] < 1e-6
     assert flat["template_div_noise"] < 1e-6
     oracle, first = measure(_Oracle(vs), vs, rt=CPU, seed=0)
     assert oracle["template_collapsed"] == 0.0
@@ -96,3 +97,52 @@ def test_cigm_keeps_the_epoch_with_the_best_templates_for_geco(synth_small, tiny
     _, s2 = train(last, "cigm", tmp_path / "last")
     assert s2["generator_epoch"] == 2 and not (tmp_path / "last" / "cigm" / "best.pt").exists()
     assert cigm_path(last, tmp_path / "last") == tmp_path / "last" / "cigm" / "last.pt"
+
+
+def test_popularity_prior_adds_w_log1p_count_to_every_score(synth_small, tiny, tmp_path):
+    """geco.popularity_weight: the evaluation's metrics equal a brute-force ranking by
+    <q, e_b> + w·log(1 + n_b), n_b = distinct training tops per bottom, and a large weight
+    makes the most popular bottoms rank first; the counts travel in the checkpoint."""
+    from collections import Counter
+
+    from geco.data.splits import load_splits, resolve_layout
+    from geco.data.transforms import imagenet_transform
+    from geco.evaluate import embed_candidates, evaluate
+    from geco.metrics import reciprocal_rank
+    from geco.models.geco import load_retriever
+
+    cfg = tiny(synth_small, "cigm.max_steps_per_epoch=2", "geco.max_steps_per_epoch=3",
+               "geco.popularity_weight=0.7")
+    train(cfg, "cigm", tmp_path)
+    train(cfg, "geco", tmp_path)
+    retriever, _ = load_retriever(tmp_path / "geco" / "best.pt", torch.device("cpu"))
+    splits = load_splits(resolve_layout(synth_small))
+    tr, test = splits["train"], splits["test"]
+    counts = Counter(b for b, _ in set(zip(tr.bottoms, tr.tops, strict=True)))
+    assert retriever.prior_weight == 0.7 and retriever.prior
+    assert all(abs(retriever.prior[b] - torch.log1p(torch.tensor(float(n))).item()) < 1e-6
+               for b, n in counts.items())
+    data = open_data(cfg.data)
+    got = evaluate(retriever, data, "test", rt=CPU, image_size=32, cfg=cfg.eval)
+
+    # Brute force: embed with the model alone, add the prior by hand, rank.
+    ids, emb, _ = embed_candidates(retriever.bottoms, data, "test", rt=CPU, image_size=32,
+                                   batch_size=64)
+    noise = torch.randn(len(test), retriever.generator.noise_dim,
+                        generator=torch.Generator().manual_seed(cfg.eval.seed))
+    batches = data.queries("test", imagenet_transform(32), batch_size=64, num_workers=0)
+    q = torch.cat([retriever.queries(b["top"], noise[b["index"]]) for b in batches])
+    pool = list(dict.fromkeys(test.bottoms))
+    bias = torch.tensor([retriever.prior.get(b, 0.0) for b in pool])
+    pool_emb = emb[torch.tensor([ids.index(b) for b in pool])]
+    scores = q @ pool_emb.T + 0.7 * bias
+    pos = torch.tensor([pool.index(b) for b in test.bottoms])
+    s_pos = scores.gather(1, pos[:, None])
+    g, t = (scores > s_pos).sum(1), (scores == s_pos).sum(1) - 1
+    assert abs(got["mrr_full"] - reciprocal_rank(g, t, "expected").mean().item()) < 1e-6
+
+    # A huge weight ranks by popularity first.
+    retriever.prior_weight = 1e6
+    top = retriever.with_prior_queries(q[:1]) @ retriever.with_prior_bottoms(pool, pool_emb).T
+    best = pool[int(top.argmax())]
+    assert retriever.prior.get(best, 0.0) == max(retriever.prior.get(b, 0.0) for b in pool)

@@ -256,6 +256,11 @@ class FolderData:
         items = ItemDataset(list(ids), images, transform, contexts=list(ids.values()))
         return _loader(items, batch_size=batch_size, num_workers=num_workers, rt=rt)
 
+    def pair_ids(self, split: str) -> list[tuple[str, str]]:
+        """(top id, bottom id) of every row of a split, no image read (popularity counts)."""
+        s = self.split(split)
+        return list(zip(s.tops, s.bottoms, strict=True))
+
     def sample_pairs(self, split: str, n: int, transform: Transform) -> list[dict[str, Any]]:
         """The first n rows' {"top", "bottom"} tensors (template grids)."""
         splits, images = self.splits((split,))
@@ -327,6 +332,21 @@ class ShardData:
         stream = self._stream(f"catalogue-{split}", transform, kind="catalogue",
                               batch_size=batch_size, on_bad=self.cfg.on_bad_image)
         return _loader(stream, batch_size=None, num_workers=num_workers, rt=rt)
+
+    def pair_ids(self, split: str) -> list[tuple[str, str]]:
+        """(top id, bottom id) of every sample of a split's shards, from their metadata (the
+        shards are read, the images are not kept); unreadable samples are left out."""
+        self._entry(split)
+        stream = self._stream(split, lambda im: im, batch_size=2, on_bad="skip", shuffle=False)
+        out = []
+        for sample in stream.raw_samples():
+            if sample is not None:
+                try:
+                    meta = json.loads(sample["meta.json"])
+                    out.append((str(meta["top"]), str(meta["bottom"])))
+                except (ValueError, KeyError, TypeError):
+                    continue
+        return out
 
     def sample_pairs(self, split: str, n: int, transform: Transform) -> list[dict[str, Any]]:
         stream = self._stream(split, transform, kind="eval", batch_size=n, on_bad="skip")

@@ -65,8 +65,8 @@ class CIGMConfig:
         "template_feat_mrr_full")
     quality_rows: int = resumable(512)  # validation rows the templates are measured on; 0 = all
     quality_noises: int = resumable(4)  # noise draws per top (diversity between noises)
-    # Collapse: templates' contrast or diversity between tops below this share of the real
-    # bottoms'.
+    # Collapse: most templates blank, or their diversity between tops below this share of
+    # the real bottoms'.
     collapse_ratio: float = resumable(0.1)
 
     def validate(self, key: str) -> None:
@@ -376,10 +376,10 @@ class CIGMStage:
             log.info("[cigm] epoch %d templates on %d valid rows: %s", epoch + 1,
                      len(self.quality_set), describe(metrics))
             if metrics["template_collapsed"]:
-                log.warning("[cigm] epoch %d: TEMPLATES COLLAPSED (contrast %.3f, diversity "
-                            "between tops %.3f of the real bottoms'; threshold %.2f): GECo "
+                log.warning("[cigm] epoch %d: TEMPLATES COLLAPSED (%.0f%% blank; diversity "
+                            "between tops %.3f of the real bottoms', threshold %.2f): GECo "
                             "would learn nothing from them; this epoch will not be selected",
-                            epoch + 1, metrics["template_contrast"],
+                            epoch + 1, 100 * metrics["template_blank"],
                             metrics.get("template_div_ratio", float("nan")), c.collapse_ratio)
             save_template_grid(
                 g, self.quality_set, out_dir / "samples" / f"epoch_{epoch + 1:03d}.png",

@@ -67,6 +67,9 @@ class GECoConfig:
     global_negatives: bool = False
     # Ablation: "constant" feeds a grey template, "none" a query of the top alone.
     template: TemplateMode = "generated"
+    # Popularity prior (docs/model.md §3.7): score = <q, e_b> + w·log(1 + n_b), n_b = distinct
+    # training tops paired with bottom b. 0 = off: the paper's plain dot product.
+    popularity_weight: float = 0.0
     # CIGM generator checkpoint; empty = <run-dir>/cigm/best.pt (else last.pt).
     cigm_checkpoint: str = resumable("")
     max_steps_per_epoch: int = 0
@@ -78,6 +81,8 @@ class GECoConfig:
             at_least(f"{key}.{name}", getattr(self, name), 1)
         learning_rate(f"{key}.lr", self.lr)
         adam_betas(f"{key}.betas", self.betas)
+        require(math.isfinite(self.popularity_weight) and self.popularity_weight >= 0,
+                f"{key}.popularity_weight", self.popularity_weight, "must be finite and >= 0")
         self.backbone.validate(f"{key}.backbone")
 
 
@@ -148,6 +153,24 @@ class Retriever:
     generator: Generator
     model: GECo
     faithful: bool = False
+    # Popularity prior: log(1 + n_b) per bottom id seen in training, and its weight (0 = off).
+    prior: dict[str, float] = field(default_factory=dict)
+    prior_weight: float = 0.0
+
+    def with_prior_bottoms(self, ids: Sequence[str], embeddings: Tensor) -> Tensor:
+        """Bottom embeddings as scored: [e_b, log(1 + n_b)] with the prior (a bottom never
+        seen in training has n_b = 0), e_b as is without."""
+        if not self.prior_weight:
+            return embeddings
+        col = torch.tensor([self.prior.get(b, 0.0) for b in ids], dtype=embeddings.dtype,
+                           device=embeddings.device)
+        return torch.cat([embeddings, col[:, None]], dim=1)
+
+    def with_prior_queries(self, queries: Tensor) -> Tensor:
+        """Queries as scored: [q, w], so <q', e'_b> = <q, e_b> + w·log(1 + n_b)."""
+        if not self.prior_weight:
+            return queries
+        return torch.cat([queries, queries.new_full((len(queries), 1), self.prior_weight)], 1)
 
     @torch.no_grad()
     def templates(self, tops: Tensor, noise: Tensor) -> Tensor | None:
@@ -259,6 +282,15 @@ def geco_loss(
 # --------------------------------------------------------------------------- training stage
 
 
+def popularity_prior(pairs: Iterable[tuple[str, str]]) -> dict[str, float]:
+    """log(1 + n_b), n_b = distinct tops paired with bottom b (the Popularity baseline's count,
+    damped so that a few very popular bottoms do not swamp the content score)."""
+    tops_of: dict[str, set[str]] = {}
+    for top, bottom in pairs:
+        tops_of.setdefault(bottom, set()).add(top)
+    return {b: math.log1p(len(ts)) for b, ts in tops_of.items()}
+
+
 def selected_generator(folder: Path) -> Path:
     """The CIGM checkpoint a stage folder offers GECo: best.pt (the epoch chosen on template
     quality) when CIGM selected one, else last.pt (cigm.selection_metric=last)."""
@@ -310,7 +342,9 @@ class GECoStage:
         if rt.distributed:
             ids = [rt.device.index] if rt.device.type == "cuda" else None
             self.model = DDP(model, device_ids=ids)
-        self.retriever = Retriever(self.generator, model, faithful=g.faithful)
+        prior = popularity_prior(data.pair_ids("train")) if g.popularity_weight else {}
+        self.retriever = Retriever(self.generator, model, faithful=g.faithful, prior=prior,
+                                   prior_weight=g.popularity_weight)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=g.lr, betas=tuple(g.betas))
         self.sched = torch.optim.lr_scheduler.StepLR(self.opt, step_size=g.lr_step,
                                                      gamma=g.lr_gamma)
@@ -362,7 +396,8 @@ class GECoStage:
         return f"valid_{self.cfg.geco.selection_metric}", "max"
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": unwrap(self.model).state_dict(), "optimizer": self.opt.state_dict(),
+        return {"model": unwrap(self.model).state_dict(), "prior": self.retriever.prior,
+                "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -387,4 +422,9 @@ def load_retriever(checkpoint: str | Path, device: torch.device,
     model.load_state_dict(ckpt["state"]["model"])
     model.eval().to(device)
     generator, _ = load_generator(generator_path or cfg.geco.cigm_checkpoint, device)
-    return Retriever(generator, model, faithful=cfg.geco.faithful), ckpt
+    prior = ckpt["state"].get("prior") or {}
+    if cfg.geco.popularity_weight and not prior:
+        raise GecoError(f"{checkpoint}: geco.popularity_weight={cfg.geco.popularity_weight} but "
+                        "the checkpoint holds no popularity counts")
+    return Retriever(generator, model, faithful=cfg.geco.faithful, prior=dict(prior),
+                     prior_weight=cfg.geco.popularity_weight), ckpt

@@ -12,10 +12,15 @@ near-blank image that tells GECo nothing while its L1 loss looks fine. Every CIG
 - **diversity** — mean pixel L1 between the templates of one top under `noises` draws
   (`template_div_noise`) and between the templates of different tops
   (`template_div_tops`), the latter also as a ratio to the same L1 between the true bottoms
-  (`template_div_ratio`; ≈ 0 when every top gets the same template).
-- **blank detector** — the mean per-image pixel standard deviation of the templates over
-  that of the true bottoms (`template_contrast`; ≈ 0 for a constant image), and
-  `template_collapsed` = 1 when either ratio falls below `collapse_ratio`.
+  (`template_div_ratio`; ≈ 0 when every top gets the same template). Both on images
+  standardised per image and channel: the U-Net's skips copy each top's background tone into
+  its template, which would make one garment drawn for every top look diverse.
+- **blank detector** — a pixel is drawn when it differs from its image's background (the
+  median of the border pixels) by more than INK; `template_blank` is the share of templates
+  with under 2% of their pixels drawn, `template_coverage` the templates' mean drawn share
+  over the true bottoms'.
+- `template_collapsed` = 1 when most templates are blank (`template_blank` > 0.5) or the
+  diversity between tops falls below `collapse_ratio` of the true bottoms'.
 """
 
 from __future__ import annotations
@@ -39,6 +44,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("geco")
 
 PIXEL_SIZE = 32  # pixel L1 at a coarse size: shape and colour, not texture or alignment
+INK = 0.2  # in [-1, 1] units (10% of the range): a pixel differing this much is drawn
+BLANK = 0.02  # a template with fewer drawn pixels than this share is blank
 
 
 class ValidationSet:
@@ -156,6 +163,13 @@ def measure(generator: torch.nn.Module, vs: ValidationSet, *, rt: Runtime, seed:
     def small(x: Tensor) -> Tensor:
         return F.interpolate(x, size=(PIXEL_SIZE, PIXEL_SIZE), mode="area").flatten(1)
 
+    def shape(x: Tensor) -> Tensor:
+        """The image minus its background (the per-channel median of its border pixels):
+        what is drawn, not the tone of the backdrop."""
+        x = F.interpolate(x, size=(PIXEL_SIZE, PIXEL_SIZE), mode="area")
+        border = torch.cat([x[..., 0, :], x[..., -1, :], x[..., :, 0], x[..., :, -1]], dim=-1)
+        return (x - border.median(dim=-1).values[..., None, None]).flatten(1)
+
     metrics: dict[str, float] = {}
     t_small, b_small = small(templates), small(vs.bottoms)
     metrics.update(matrix_metrics(-torch.cdist(t_small, b_small, p=1), vs.order, vs.positives,
@@ -173,17 +187,23 @@ def measure(generator: torch.nn.Module, vs: ValidationSet, *, rt: Runtime, seed:
                                       vs.positives, vs.negatives, "template_feat"))
 
     if noises > 1:
-        per_top = [_mean_pairwise_l1(torch.stack([d[r] for d in draws]).flatten(1))
+        per_top = [_mean_pairwise_l1(shape(torch.stack([d[r] for d in draws])))
                    for r in range(n)]
         metrics["template_div_noise"] = sum(per_top) / n
     truth = vs.pos_bottoms
     if n > 1:
-        metrics["template_div_tops"] = _mean_pairwise_l1(t_small)
-        real = _mean_pairwise_l1(small(truth))
+        metrics["template_div_tops"] = _mean_pairwise_l1(shape(templates))
+        real = _mean_pairwise_l1(shape(truth))
         metrics["template_div_ratio"] = metrics["template_div_tops"] / max(real, 1e-8)
-    contrast = templates.flatten(1).std(1).mean().item()
-    metrics["template_contrast"] = contrast / max(truth.flatten(1).std(1).mean().item(), 1e-8)
-    collapsed = metrics["template_contrast"] < collapse_ratio or (
+    def coverage(x: Tensor) -> Tensor:
+        """Per image, the share of pixels drawn: off the background by > INK in a channel."""
+        dev = shape(x).view(len(x), 3, -1).abs().amax(1)
+        return (dev > INK).float().mean(1)
+
+    drawn = coverage(templates)
+    metrics["template_blank"] = (drawn < BLANK).float().mean().item()
+    metrics["template_coverage"] = drawn.mean().item() / max(coverage(truth).mean().item(), 1e-8)
+    collapsed = metrics["template_blank"] > 0.5 or (
         metrics.get("template_div_ratio", 1.0) < collapse_ratio)
     metrics["template_collapsed"] = float(collapsed)
     return metrics, templates
@@ -193,5 +213,6 @@ def describe(metrics: dict[str, Any]) -> str:
     """One log line of the template metrics."""
     keys = [("template_feat_mrr_full", "MRR(feat)"), ("template_l1_mrr_full", "MRR(L1)"),
             ("template_feat_auc_1vs1", "AUC(feat)"), ("template_div_noise", "div/noise"),
-            ("template_div_ratio", "div/tops"), ("template_contrast", "contrast")]
+            ("template_div_ratio", "div/tops"), ("template_blank", "blank"),
+            ("template_coverage", "coverage")]
     return " ".join(f"{label}={metrics[k]:.3f}" for k, label in keys if k in metrics)
