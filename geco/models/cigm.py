@@ -300,15 +300,18 @@ class CIGMStage:
         tf = gan_transform(cfg.data.image_size)
         self.loader = data.train_loader(tf, rt=rt, batch_size=c.batch_size,
                                         seed=cfg.runtime.seed, num_workers=cfg.data.loader_workers)
-        # Template quality (rank 0 measures, every rank gets the numbers to select on).
+        # Template quality (rank 0 measures, every rank gets the numbers to select on). Under
+        # its own RNG state: reading the split through DataLoaders draws from the global RNG,
+        # which would change the networks' initialisation below on rank 0 only.
         self.quality_set = self.features = None
         if rt.is_main:
             from geco.models.template_quality import ValidationSet, feature_space
 
-            self.quality_set = ValidationSet(data, "valid", cfg.data.image_size, c.quality_rows,
-                                             batch_size=cfg.eval.batch_size)
-            self.features, self.feature_name = feature_space(cfg.geco.backbone, rt.device,
-                                                             seed=cfg.eval.seed)
+            with torch.random.fork_rng(devices=[]):
+                self.quality_set = ValidationSet(data, "valid", cfg.data.image_size,
+                                                 c.quality_rows, batch_size=cfg.eval.batch_size)
+                self.features, self.feature_name = feature_space(cfg.geco.backbone, rt.device,
+                                                                 seed=cfg.eval.seed)
 
         g, d = build_cigm(c.features, c.noise_dim, cfg.data.image_size,
                           init_discriminator=c.init_discriminator)
