@@ -107,10 +107,12 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
 
 def _http_defaults() -> None:
     # MLflow retries a failed request 7 times with exponential backoff and waits up to 120 s per
-    # request: a server that dies mid-run would stall every log call for minutes. Fail fast
-    # instead (users can still override both in the environment).
+    # request: a server that dies mid-run would stall every log call for many minutes. Retry
+    # once and wait at most 60 s instead (users can still override both in the environment):
+    # 10 s was too short for a model's artifacts (a 45 MB ResNet checkpoint proxied into S3)
+    # on a busy node.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:

@@ -376,8 +376,8 @@ class CIGMStage:
                                  features=self.features, batch_size=self.cfg.eval.batch_size)
             chosen = metrics.get(c.selection_metric, metrics["template_l1_mrr_full"])
             metrics["template_score"] = 0.0 if metrics["template_collapsed"] else chosen
-            log.info("[cigm] epoch %d templates on %d valid rows: %s", epoch + 1,
-                     len(self.quality_set), describe(metrics))
+            log.info("[cigm] epoch %d templates on %d valid rows (features: %s): %s",
+                     epoch + 1, len(self.quality_set), self.feature_name, describe(metrics))
             if metrics["template_collapsed"]:
                 log.warning("[cigm] epoch %d: TEMPLATES COLLAPSED (%.0f%% blank; diversity "
                             "between tops %.3f of the real bottoms', threshold %.2f): GECo "
