@@ -36,7 +36,7 @@ whose positives and negatives are all unseen in training (the synthetic default)
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -202,6 +202,14 @@ class RandomScorer:
         return torch.rand(len(tops), len(pool), generator=self._gen, dtype=torch.float64)
 
 
+def distinct_tops(pairs: Iterable[tuple[str, str]]) -> dict[str, int]:
+    """Bottom id -> number of distinct tops paired with it in (top, bottom) pairs."""
+    tops_of: dict[str, set[str]] = {}
+    for top, bottom in pairs:
+        tops_of.setdefault(bottom, set()).add(top)
+    return {b: len(ts) for b, ts in tops_of.items()}
+
+
 class PopularityScorer:
     """score(b) = number of distinct training tops paired with bottom b (0 if unseen)."""
 
@@ -211,10 +219,7 @@ class PopularityScorer:
         self.counts: dict[str, int] = {}
 
     def fit(self, train: Split) -> None:
-        tops_of: dict[str, set[str]] = {}
-        for top, bottom in zip(train.tops, train.bottoms, strict=True):
-            tops_of.setdefault(bottom, set()).add(top)
-        self.counts = {b: len(ts) for b, ts in tops_of.items()}
+        self.counts = distinct_tops(zip(train.tops, train.bottoms, strict=True))
 
     def popularity(self, bottoms: Sequence[str]) -> Tensor:
         return torch.tensor([float(self.counts.get(b, 0)) for b in bottoms], dtype=torch.float64)

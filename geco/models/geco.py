@@ -285,10 +285,9 @@ def geco_loss(
 def popularity_prior(pairs: Iterable[tuple[str, str]]) -> dict[str, float]:
     """log(1 + n_b), n_b = distinct tops paired with bottom b (the Popularity baseline's count,
     damped so that a few very popular bottoms do not swamp the content score)."""
-    tops_of: dict[str, set[str]] = {}
-    for top, bottom in pairs:
-        tops_of.setdefault(bottom, set()).add(top)
-    return {b: math.log1p(len(ts)) for b, ts in tops_of.items()}
+    from geco.baselines.simple import distinct_tops
+
+    return {b: math.log1p(n) for b, n in distinct_tops(pairs).items()}
 
 
 def selected_generator(folder: Path) -> Path:
