@@ -61,6 +61,27 @@ def test_storage_path_is_absolute_or_a_uri(tmp_path, monkeypatch):
     assert driver.storage_path("s3://bucket/prefix/") == "s3://bucket/prefix"
 
 
+def test_ray_storage_on_s3_has_patient_timeouts_and_pickles_without_secrets(tmp_path,
+                                                                            monkeypatch):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    assert driver.ray_storage("runs/ray") == {"storage_path": str(tmp_path / "runs" / "ray"),
+                                             "storage_filesystem": None}
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "geco-test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "geco-test-secret-value")
+    monkeypatch.setenv("GECO_S3_READ_TIMEOUT", "45")
+    got = driver.ray_storage("s3://bucket/prefix/")
+    assert got["storage_path"] == "bucket/prefix"
+    fs = got["storage_filesystem"]
+    blob = pickle.dumps(fs)  # what Ray sends to every worker and keeps in checkpoints
+    assert b"geco-test-secret-value" not in blob and b"geco-test-key" not in blob
+    options = pickle.loads(blob).__reduce__()[1][0]
+    assert fs.type_name == "s3" and options["endpoint_override"] == "http://127.0.0.1:9"
+    assert options["request_timeout"] == 45 and options["connect_timeout"] == 5
+
+
 def test_param_digest_tells_identical_weights_from_different_ones():
     torch.manual_seed(0)
     a = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.BatchNorm1d(3))

@@ -158,6 +158,15 @@ def storage_path(path: str) -> str:
     return str(Path(path).expanduser().resolve())
 
 
+def ray_storage(path: str) -> dict[str, Any]:
+    """RunConfig's storage_path/storage_filesystem for `cluster.storage_path`: S3 through a
+    filesystem with our timeouts and retries (geco.data.storage.arrow_location)."""
+    from geco.data.storage import arrow_location
+
+    where, filesystem = arrow_location(storage_path(path))
+    return {"storage_path": where, "storage_filesystem": filesystem}
+
+
 def run_name(cfg: Config, stage: str) -> str:
     return f"{cfg.cluster.name}-{stage}"
 
@@ -306,7 +315,7 @@ def run_stage(cfg: Config, stage: str, *, cigm: Any = None, mlflow_run_id: str |
             resources_per_worker=resources,
             elastic_resize_monitor_interval_s=c.resize_interval_s),
         run_config=RunConfig(
-            name=run_name(cfg, stage), storage_path=storage_path(c.storage_path),
+            name=run_name(cfg, stage), **ray_storage(c.storage_path),
             checkpoint_config=CheckpointConfig(num_to_keep=c.num_to_keep or None),
             failure_config=FailureConfig(max_failures=c.max_failures),
         ),
@@ -433,7 +442,7 @@ def run_sweep(cfg: Config, cigm: Any, *, parent_run_id: str | None = None):
         # One checkpoint per trial: it carries best.pt (the trial's best epoch so far).
         # A trial whose node is lost is retried from its checkpoint (cluster.max_failures).
         run_config=tune.RunConfig(name=f"{cfg.cluster.name}-sweep",
-                                  storage_path=storage_path(cfg.cluster.storage_path),
+                                  **ray_storage(cfg.cluster.storage_path),
                                   checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                                   failure_config=tune.FailureConfig(
                                       max_failures=cfg.cluster.max_failures)),

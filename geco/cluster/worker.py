@@ -109,7 +109,10 @@ def fetch_generator(source: Any, work: Path) -> Path:
     if "://" in source:
         import ray.train
 
-        unpack(ray.train.Checkpoint(source), "cigm", work)
+        from geco.data.storage import arrow_location
+
+        path, filesystem = arrow_location(source)
+        unpack(ray.train.Checkpoint(path, filesystem=filesystem), "cigm", work)
         return selected_generator(work / "cigm")
     path = selected_generator(Path(source) / "cigm")
     if not path.is_file():

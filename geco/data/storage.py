@@ -110,6 +110,36 @@ def s3_client():
     return boto3.session.Session().client("s3", config=config)
 
 
+def arrow_location(url: str) -> tuple[str, Any]:
+    """(path, pyarrow filesystem or None) for a Ray storage location (`RunConfig`'s
+    storage_path/storage_filesystem, `Checkpoint(path, filesystem)`).
+
+    For s3:// an S3FileSystem from the standard AWS environment (endpoint, region, credentials
+    file: no key is put in the object, so pickling it to workers carries no secret) with the
+    timeouts of `s3_client`: pyarrow's own defaults (the AWS SDK's 1 s connect, 3 s without a
+    byte) fail checkpoint uploads and restores when the S3 server is busy. Other URIs: as
+    given, and None (Ray resolves them); a path: made absolute.
+    """
+    if not is_s3(url):
+        return (url if "://" in url else str(Path(url).expanduser().resolve())), None
+    from pyarrow import fs
+
+    bucket, key = parse_s3_url(url.rstrip("/"))
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    options: dict[str, Any] = {
+        "connect_timeout": float(os.environ.get("GECO_S3_CONNECT_TIMEOUT", "5")),
+        "request_timeout": float(os.environ.get("GECO_S3_READ_TIMEOUT", "60")),
+        "retry_strategy": fs.AwsStandardS3RetryStrategy(
+            max_attempts=int(os.environ.get("GECO_S3_MAX_ATTEMPTS", "5"))),
+    }
+    if endpoint:
+        options["endpoint_override"] = endpoint
+    if region:
+        options["region"] = region
+    return _join(bucket, key), fs.S3FileSystem(**options)
+
+
 _CLIENTS: dict[tuple, Any] = {}
 _ENV_KEYS = (
     "AWS_ENDPOINT_URL",
