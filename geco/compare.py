@@ -36,7 +36,7 @@ from geco.baselines import PopularityScorer, RandomScorer, Scorer, evaluate_scor
 from geco.config import Config, save_config
 from geco.data.source import open_data
 from geco.errors import ConfigError, GecoError
-from geco.evaluate import TABLE_KEYS, evaluate_checkpoint
+from geco.evaluate import TABLE_KEYS, evaluate, evaluate_checkpoint
 from geco.metrics import random_expectations
 from geco.tracking import numeric
 from geco.train.loop import train
@@ -193,6 +193,13 @@ def run_geco(cfg: Config, run_dir: Path, split: str, data) -> dict[str, Any]:
               "trained_config": out["trained_config"], "trained_here": trained_here,
               "seconds": time.perf_counter() - t0}
     _log_row("GECo", result["metrics"])
+    retriever = out["retriever"]
+    if retriever.prior_weight:  # reported with and without the popularity prior
+        result["metrics_without_prior"] = evaluate(
+            retriever, data, split, rt=init_runtime(cfg.runtime),
+            image_size=out["trained_config"]["data"]["image_size"], cfg=cfg.eval,
+            num_workers=cfg.data.loader_workers, prior_weights=[0.0])
+        _log_row("GECo, w=0", result["metrics_without_prior"])
     return result
 
 
@@ -368,6 +375,17 @@ def format_comparison(result: dict[str, Any]) -> str:
         for r in ablations.values():
             m = r["metrics"]
             lines.append(f"| {r['label']} | {_fmt(m.get('auc_1vs1'))} | {_fmt(m.get('auc_1vs3'))}"
+                         f" | {_fmt(m.get('mrr_1vs9'))} | {_fmt(m.get('mrr_full'))} |")
+    geco = everything.get("geco", {})
+    if "metrics_without_prior" in geco:
+        w = geco["metrics"].get("popularity_weight", float("nan"))
+        lines += ["", "## GECo's popularity prior (docs/model.md §3.7)", "",
+                  "| Model | AUC-1vs1 | AUC-1vs3 | MRR-1vs9 | MRR-full |", "|---|---|---|---|---|"]
+        chosen = (geco.get("trained_config") or {}).get("geco", {}).get("popularity_search")
+        with_prior = f"GECo, prior w = {w:g}" + (" (chosen on validation)" if chosen else "")
+        for label, m in ((with_prior, geco["metrics"]),
+                         ("GECo, no prior (the paper's scoring)", geco["metrics_without_prior"])):
+            lines.append(f"| {label} | {_fmt(m.get('auc_1vs1'))} | {_fmt(m.get('auc_1vs3'))}"
                          f" | {_fmt(m.get('mrr_1vs9'))} | {_fmt(m.get('mrr_full'))} |")
     n = result["n_candidates"]
     lines += ["", f"Chance level: AUC 0.5000, MRR-1vs9 {random_expectations(10)['mrr']:.4f}, "

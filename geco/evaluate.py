@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -69,11 +70,18 @@ def embed_candidates(embed, data: FolderData | ShardData, split: str, *, rt: Run
 
 @torch.no_grad()
 def evaluate(retriever: Retriever, data: FolderData | ShardData, split: str, *, rt: Runtime,
-             image_size: int, cfg: EvalConfig, num_workers: int = 0) -> dict[str, Any]:
+             image_size: int, cfg: EvalConfig, num_workers: int = 0,
+             prior_weights: Sequence[float] = (), select: str = "") -> dict[str, Any]:
     """All metrics of `retriever` on one valid/test split of `data`.
+
+    `prior_weights` (with `select`, a metric name): score with each popularity weight and
+    return the metrics of the one that maximises `select` (first on ties), under
+    "popularity_weight"; the embeddings are computed once. Else the retriever's own weight.
 
     In skip mode, unreadable samples and rows whose bottoms are missing from the candidates
     are counted in "skipped", not scored."""
+    if len(prior_weights) > 1 and not select:
+        raise ValueError("evaluate: several prior_weights need `select`, the metric to choose by")
     t0 = time.perf_counter()
     retriever.generator.eval()
     retriever.model.eval()
@@ -81,7 +89,6 @@ def evaluate(retriever: Retriever, data: FolderData | ShardData, split: str, *, 
     ids, bottoms, skipped = embed_candidates(
         retriever.bottoms, data, split, rt=rt, image_size=image_size,
         batch_size=cfg.batch_size, num_workers=num_workers)
-    bottoms = retriever.with_prior_bottoms(ids, bottoms)  # geco.popularity_weight
     order = {item: i for i, item in enumerate(ids)}
 
     noise = torch.randn(n_rows, retriever.generator.noise_dim,
@@ -99,7 +106,7 @@ def evaluate(retriever: Retriever, data: FolderData | ShardData, split: str, *, 
                             f"{n_rows} rows of its manifest (manifest out of date?)")
         with rt.autocast():
             q = retriever.queries(rt.to_device(batch["top"]), noise[index].to(rt.device))
-        q = retriever.with_prior_queries(q.float().cpu())
+        q = q.float().cpu()
         for i, r in enumerate(index.tolist()):
             rows.append((r, q[i], batch["bottom_id"][i], batch["negatives"][i]))
     rows.sort(key=lambda row: row[0])
@@ -115,8 +122,15 @@ def evaluate(retriever: Retriever, data: FolderData | ShardData, split: str, *, 
     if not usable:
         raise DataError(f"{data.where}: no {split} rows left to evaluate")
     queries = torch.stack([row[1] for row in usable])
-    metrics = score_rows(queries, bottoms, order, [row[2] for row in usable],
-                         [row[3] for row in usable], ties=cfg.ties)
+    metrics: dict[str, Any] = {}
+    for w in (list(prior_weights) or [retriever.prior_weight]):  # geco.popularity_weight
+        m = score_rows(retriever.with_prior_queries(queries, w),
+                       retriever.with_prior_bottoms(ids, bottoms, w), order,
+                       [row[2] for row in usable], [row[3] for row in usable], ties=cfg.ties)
+        if prior_weights or w:
+            m["popularity_weight"] = float(w)
+        if not metrics or m[select] > metrics[select]:
+            metrics = m
     metrics["skipped"] = skipped
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics

@@ -270,7 +270,7 @@ def _requirements() -> list[str]:
 
 # What serving needs of each checkpoint's `state`: optimiser and discriminator state would
 # triple the size of every registered version for nothing.
-_SERVING_STATE = {"geco": ("model", "prior"), "cigm": ("generator",)}
+_SERVING_STATE = {"geco": ("model", "prior", "prior_weight"), "cigm": ("generator",)}
 
 
 def _serving_copy(src: str | Path, stage: str, dst: Path) -> str:

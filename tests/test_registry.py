@@ -156,7 +156,8 @@ def test_registered_version_is_the_candidate(store, model_files, stray_store):
         artifact_uri=client.get_model_version_download_uri(MODEL, "1")))
     geco = torch.load(local / "artifacts" / "geco.pt", weights_only=True)
     cigm = torch.load(local / "artifacts" / "generator.pt", weights_only=True)
-    assert list(geco["state"]) == ["model", "prior"] and list(cigm["state"]) == ["generator"]
+    assert list(geco["state"]) == ["model", "prior", "prior_weight"]
+    assert list(cigm["state"]) == ["generator"]
     assert geco["state"]["prior"] == {}  # popularity prior off: no counts
     assert geco["config"] == torch.load(files["geco"], weights_only=True)["config"]
     with pytest.raises(GecoError, match="is not a GECO checkpoint"):

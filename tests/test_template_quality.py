@@ -146,3 +146,62 @@ def test_popularity_prior_adds_w_log1p_count_to_every_score(synth_small, tiny, t
     top = retriever.with_prior_queries(q[:1]) @ retriever.with_prior_bottoms(pool, pool_emb).T
     best = pool[int(top.argmax())]
     assert retriever.prior.get(best, 0.0) == max(retriever.prior.get(b, 0.0) for b in pool)
+
+
+def test_popularity_weight_is_chosen_on_validation_and_kept_with_the_model(synth_small, tiny,
+                                                                            tmp_path):
+    """geco.popularity_search: after each epoch the weight with the best validation selection
+    metric is chosen (what scoring the same checkpoint with each weight gives), stored in the
+    checkpoint, used when it is loaded again and kept in the served copy."""
+    import csv
+    import shutil
+
+    from geco.evaluate import evaluate
+    from geco.models.geco import load_retriever
+    from geco.registry import _serving_copy
+
+    # Synthetic validation bottoms never occur in training: make a few of them popular.
+    root = tmp_path / "data"
+    shutil.copytree(synth_small, root)
+    with open(root / "files" / "valid.csv") as f:
+        popular = [row[1] for row in list(csv.reader(f))[1:6]]
+    with open(root / "files" / "train.csv") as f:
+        tops = list(dict.fromkeys(row[0] for row in list(csv.reader(f))[1:]))
+    with open(root / "files" / "train.csv", "a") as f:
+        f.writelines(f"{t},{b}\n" for i, b in enumerate(popular) for t in tops[i::5][:12])
+    weights = [0.0, 0.5, 1e4]
+    cfg = tiny(root, "cigm.max_steps_per_epoch=2", "geco.max_steps_per_epoch=3",
+               "geco.selection_metric=mrr_full", f"geco.popularity_search={weights}")
+    train(cfg, "cigm", tmp_path)
+    _, summary = train(cfg, "geco", tmp_path)
+    retriever, ckpt = load_retriever(tmp_path / "geco" / "best.pt", torch.device("cpu"))
+    chosen = ckpt["state"]["prior_weight"]
+    assert chosen in weights and retriever.prior_weight == chosen and retriever.prior
+    data = open_data(cfg.data)
+    each = {w: evaluate(retriever, data, "valid", rt=CPU, image_size=32, cfg=cfg.eval,
+                        prior_weights=[w], select="mrr_full")["mrr_full"] for w in weights}
+    assert each[chosen] == max(each.values()), each
+    assert len(set(each.values())) > 1 and chosen > 0  # the popular bottoms do matter
+    got = evaluate(retriever, data, "valid", rt=CPU, image_size=32, cfg=cfg.eval,
+                   prior_weights=weights, select="mrr_full")
+    assert got["popularity_weight"] == chosen and got["mrr_full"] == each[chosen]
+    history = [r["valid_popularity_weight"] for r in ckpt["history"]]
+    assert history[ckpt["epoch"]] == chosen
+    slim = tmp_path / "served.pt"
+    _serving_copy(tmp_path / "geco" / "best.pt", "geco", slim)
+    served, _ = load_retriever(slim, torch.device("cpu"),
+                               generator_path=tmp_path / "cigm" / "best.pt")
+    assert served.prior_weight == chosen
+
+    # `geco compare` reports GECo with the chosen weight and without the prior (w = 0).
+    from geco.compare import run_compare
+
+    result = run_compare(cfg, tmp_path, "geco,popularity", train_geco=False)
+    entry = result["models"]["geco"]
+    assert entry["metrics"]["popularity_weight"] == chosen
+    plain = evaluate(retriever, data, "test", rt=CPU, image_size=32, cfg=cfg.eval,
+                     prior_weights=[0.0], select="mrr_full")
+    assert entry["metrics_without_prior"]["mrr_full"] == plain["mrr_full"]
+    md = (tmp_path / "compare" / "compare.md").read_text()
+    assert f"| GECo, prior w = {chosen:g} (chosen on validation) |" in md
+    assert "| GECo, no prior (the paper's scoring) |" in md

@@ -70,6 +70,9 @@ class GECoConfig:
     # Popularity prior (docs/model.md §3.7): score = <q, e_b> + w·log(1 + n_b), n_b = distinct
     # training tops paired with bottom b. 0 = off: the paper's plain dot product.
     popularity_weight: float = 0.0
+    # Weights to choose w from on validation (after every epoch, by selection_metric); the
+    # chosen one is stored in the checkpoint. Empty = popularity_weight as given.
+    popularity_search: list[float] = field(default_factory=list)
     # CIGM generator checkpoint; empty = <run-dir>/cigm/best.pt (else last.pt).
     cigm_checkpoint: str = resumable("")
     max_steps_per_epoch: int = 0
@@ -83,6 +86,10 @@ class GECoConfig:
         adam_betas(f"{key}.betas", self.betas)
         require(math.isfinite(self.popularity_weight) and self.popularity_weight >= 0,
                 f"{key}.popularity_weight", self.popularity_weight, "must be finite and >= 0")
+        for w in self.popularity_search:
+            require(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0,
+                    f"{key}.popularity_search", self.popularity_search,
+                    "must be a list of finite weights >= 0")
         self.backbone.validate(f"{key}.backbone")
 
 
@@ -157,20 +164,22 @@ class Retriever:
     prior: dict[str, float] = field(default_factory=dict)
     prior_weight: float = 0.0
 
-    def with_prior_bottoms(self, ids: Sequence[str], embeddings: Tensor) -> Tensor:
+    def with_prior_bottoms(self, ids: Sequence[str], embeddings: Tensor,
+                           weight: float | None = None) -> Tensor:
         """Bottom embeddings as scored: [e_b, log(1 + n_b)] with the prior (a bottom never
-        seen in training has n_b = 0), e_b as is without."""
-        if not self.prior_weight:
+        seen in training has n_b = 0), e_b as is without. `weight`: instead of prior_weight."""
+        if not (self.prior_weight if weight is None else weight):
             return embeddings
         col = torch.tensor([self.prior.get(b, 0.0) for b in ids], dtype=embeddings.dtype,
                            device=embeddings.device)
         return torch.cat([embeddings, col[:, None]], dim=1)
 
-    def with_prior_queries(self, queries: Tensor) -> Tensor:
+    def with_prior_queries(self, queries: Tensor, weight: float | None = None) -> Tensor:
         """Queries as scored: [q, w], so <q', e'_b> = <q, e_b> + w·log(1 + n_b)."""
-        if not self.prior_weight:
+        w = self.prior_weight if weight is None else weight
+        if not w:
             return queries
-        return torch.cat([queries, queries.new_full((len(queries), 1), self.prior_weight)], 1)
+        return torch.cat([queries, queries.new_full((len(queries), 1), w)], 1)
 
     @torch.no_grad()
     def templates(self, tops: Tensor, noise: Tensor) -> Tensor | None:
@@ -341,7 +350,8 @@ class GECoStage:
         if rt.distributed:
             ids = [rt.device.index] if rt.device.type == "cuda" else None
             self.model = DDP(model, device_ids=ids)
-        prior = popularity_prior(data.pair_ids("train")) if g.popularity_weight else {}
+        prior = (popularity_prior(data.pair_ids("train"))
+                 if g.popularity_weight or g.popularity_search else {})
         self.retriever = Retriever(self.generator, model, faithful=g.faithful, prior=prior,
                                    prior_weight=g.popularity_weight)
         self.opt = torch.optim.Adam(self.model.parameters(), lr=g.lr, betas=tuple(g.betas))
@@ -379,9 +389,13 @@ class GECoStage:
         self.sched.step()
         metrics: dict[str, float] = {}
         if self.rt.is_main:
+            g = self.cfg.geco
             m = evaluate(self.retriever, self.data, "valid", rt=self.rt,
                          image_size=self.cfg.data.image_size, cfg=self.cfg.eval,
-                         num_workers=self.cfg.data.loader_workers)
+                         num_workers=self.cfg.data.loader_workers,
+                         prior_weights=g.popularity_search, select=g.selection_metric)
+            if g.popularity_search:  # this epoch's checkpoint scores with the chosen weight
+                self.retriever.prior_weight = m["popularity_weight"]
             metrics = {f"valid_{k}": float(v) for k, v in m.items()
                        if isinstance(v, float) and k != "eval_seconds"}
             metrics["lr"] = self.sched.get_last_lr()[0]
@@ -396,6 +410,7 @@ class GECoStage:
 
     def state_dict(self) -> dict[str, Any]:
         return {"model": unwrap(self.model).state_dict(), "prior": self.retriever.prior,
+                "prior_weight": self.retriever.prior_weight,
                 "optimizer": self.opt.state_dict(),
                 "scheduler": self.sched.state_dict()}
 
@@ -422,8 +437,11 @@ def load_retriever(checkpoint: str | Path, device: torch.device,
     model.eval().to(device)
     generator, _ = load_generator(generator_path or cfg.geco.cigm_checkpoint, device)
     prior = ckpt["state"].get("prior") or {}
-    if cfg.geco.popularity_weight and not prior:
-        raise GecoError(f"{checkpoint}: geco.popularity_weight={cfg.geco.popularity_weight} but "
-                        "the checkpoint holds no popularity counts")
+    # The weight this checkpoint was selected with (chosen on validation with
+    # geco.popularity_search), else the configured one.
+    weight = float(ckpt["state"].get("prior_weight", cfg.geco.popularity_weight))
+    if weight and not prior:
+        raise GecoError(f"{checkpoint}: popularity weight {weight} but the checkpoint holds no "
+                        "popularity counts")
     return Retriever(generator, model, faithful=cfg.geco.faithful, prior=dict(prior),
-                     prior_weight=cfg.geco.popularity_weight), ckpt
+                     prior_weight=weight), ckpt
