@@ -118,13 +118,15 @@ def test_ray_compare_job_help_and_bad_models():
     assert "Traceback" not in bad.stderr
 
 
-def test_untrained_baselines_on_mango_dev_with_its_gpu_config(shared_data, tmp_path):
-    """configs/mango-dev-gpu.yaml loads and points at the real data; Random and Popularity
+@pytest.mark.parametrize("config", ["mango-dev-gpu.yaml", "mango-dev-cpu.yaml"])
+def test_untrained_baselines_on_mango_dev_with_its_configs(shared_data, tmp_path, config):
+    """configs/mango-dev-{gpu,cpu}.yaml load and point at the real data; Random and Popularity
     (no images decoded) give a table on the real test split."""
     data = shared_data / "mango-dev"
     if not (data / "files" / "test.csv").is_file():
         pytest.skip("mango-dev not present")
-    cfg = load_config(str(ROOT / "configs" / "mango-dev-gpu.yaml"), [f"data.root={data}"])
+    cfg = load_config(str(ROOT / "configs" / config), [f"data.root={data}"])
+    assert cfg.geco.popularity_search and cfg.cigm.lambda_l1 == 10
     result = run_compare(cfg, tmp_path / "run", "random,popularity")
     test = load_splits(resolve_layout(data), splits=("test",))["test"]
     assert result["n_queries"] == len(test) and result["n_candidates"] == len(
