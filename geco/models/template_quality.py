@@ -17,8 +17,10 @@ near-blank image that tells GECo nothing while its L1 loss looks fine. Every CIG
   its template, which would make one garment drawn for every top look diverse.
 - **blank detector** — a pixel is drawn when it differs from its image's background (the
   median of the border pixels) by more than INK; `template_blank` is the share of templates
-  with under 2% of their pixels drawn, `template_coverage` the templates' mean drawn share
-  over the true bottoms'.
+  that draw less than BLANK_SHARE of what the median true bottom draws (at least BLANK of
+  their pixels), `template_coverage` the templates' mean drawn share over the true bottoms'.
+  Relative, because a faint sketch of a garment on a blank backdrop (seen on real photos)
+  still draws a few per cent of its pixels, while a real bottom draws about a third.
 - `template_collapsed` = 1 when most templates are blank (`template_blank` > 0.5) or the
   diversity between tops falls below `collapse_ratio` of the true bottoms'.
 """
@@ -45,7 +47,8 @@ log = logging.getLogger("geco")
 
 PIXEL_SIZE = 32  # pixel L1 at a coarse size: shape and colour, not texture or alignment
 INK = 0.2  # in [-1, 1] units (10% of the range): a pixel differing this much is drawn
-BLANK = 0.02  # a template with fewer drawn pixels than this share is blank
+BLANK = 0.02  # a template with fewer drawn pixels than this share is blank, whatever the data
+BLANK_SHARE = 0.25  # ... and one drawing less than this share of the median true bottom's
 
 
 class ValidationSet:
@@ -200,9 +203,10 @@ def measure(generator: torch.nn.Module, vs: ValidationSet, *, rt: Runtime, seed:
         dev = shape(x).view(len(x), 3, -1).abs().amax(1)
         return (dev > INK).float().mean(1)
 
-    drawn = coverage(templates)
-    metrics["template_blank"] = (drawn < BLANK).float().mean().item()
-    metrics["template_coverage"] = drawn.mean().item() / max(coverage(truth).mean().item(), 1e-8)
+    drawn, real_drawn = coverage(templates), coverage(truth)
+    blank = max(BLANK, BLANK_SHARE * real_drawn.median().item())
+    metrics["template_blank"] = (drawn < blank).float().mean().item()
+    metrics["template_coverage"] = drawn.mean().item() / max(real_drawn.mean().item(), 1e-8)
     collapsed = metrics["template_blank"] > 0.5 or (
         metrics.get("template_div_ratio", 1.0) < collapse_ratio)
     metrics["template_collapsed"] = float(collapsed)
