@@ -122,11 +122,12 @@ def evaluate(retriever: Retriever, data: FolderData | ShardData, split: str, *, 
     if not usable:
         raise DataError(f"{data.where}: no {split} rows left to evaluate")
     queries = torch.stack([row[1] for row in usable])
+    positives, negatives = [row[2] for row in usable], [row[3] for row in usable]
     metrics: dict[str, Any] = {}
     for w in (list(prior_weights) or [retriever.prior_weight]):  # geco.popularity_weight
         m = score_rows(retriever.with_prior_queries(queries, w),
-                       retriever.with_prior_bottoms(ids, bottoms, w), order,
-                       [row[2] for row in usable], [row[3] for row in usable], ties=cfg.ties)
+                       retriever.with_prior_bottoms(ids, bottoms, w), order, positives,
+                       negatives, ties=cfg.ties)
         if prior_weights or w:
             m["popularity_weight"] = float(w)
         if not metrics or m[select] > metrics[select]:

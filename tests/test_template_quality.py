@@ -173,7 +173,7 @@ def test_popularity_weight_is_chosen_on_validation_and_kept_with_the_model(synth
     cfg = tiny(root, "cigm.max_steps_per_epoch=2", "geco.max_steps_per_epoch=3",
                "geco.selection_metric=mrr_full", f"geco.popularity_search={weights}")
     train(cfg, "cigm", tmp_path)
-    _, summary = train(cfg, "geco", tmp_path)
+    train(cfg, "geco", tmp_path)
     retriever, ckpt = load_retriever(tmp_path / "geco" / "best.pt", torch.device("cpu"))
     chosen = ckpt["state"]["prior_weight"]
     assert chosen in weights and retriever.prior_weight == chosen and retriever.prior

@@ -117,11 +117,11 @@ def arrow_location(url: str) -> tuple[str, Any]:
     For s3:// an S3FileSystem from the standard AWS environment (endpoint, region, credentials
     file: no key is put in the object, so pickling it to workers carries no secret) with the
     timeouts of `s3_client`: pyarrow's own defaults (the AWS SDK's 1 s connect, 3 s without a
-    byte) fail checkpoint uploads and restores when the S3 server is busy. Other URIs: as
-    given, and None (Ray resolves them); a path: made absolute.
+    byte) fail checkpoint uploads and restores when the S3 server is busy. Anything else: as
+    given, and None (Ray resolves it).
     """
     if not is_s3(url):
-        return (url if "://" in url else str(Path(url).expanduser().resolve())), None
+        return url, None
     from pyarrow import fs
 
     bucket, key = parse_s3_url(url.rstrip("/"))
