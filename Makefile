@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 TEST_WORKERS ?= 2
 XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
-.PHONY: venv demo demo-cluster sweep compare compare-cluster demo-torch demo-local stop test test-fast lint bench gpu-smoke clean
+.PHONY: venv demo serve demo-cluster sweep compare compare-cluster demo-torch demo-local stop test test-fast lint bench gpu-smoke clean
 
 venv:
 	@bash scripts/setup_venv.sh
@@ -97,7 +97,18 @@ demo-torch: venv
 demo-local: venv
 	$(PY) -m geco.cli pipeline --config $(CONFIG) --run-dir runs/demo-local
 
+# After `make demo`: the champion served over REST on 127.0.0.1 by MLflow's scoring server
+# (MODEL=models:/geco-retriever/N for another version, SERVE_PORT for another port); prints the
+# URL once it answers /ping and a curl that POSTs a test top. `make stop` stops it.
+MODEL ?= models:/geco-retriever@champion
+SERVE_PORT ?= 5080
+serve: venv
+	bash infra/local/s3.sh start
+	bash infra/local/mlflow.sh start
+	bash infra/local/serve.sh start --model $(MODEL) --port $(SERVE_PORT)
+
 stop:
+	bash infra/local/serve.sh stop
 	bash infra/local/ray.sh stop
 	bash infra/local/mlflow.sh stop
 	bash infra/local/s3.sh stop

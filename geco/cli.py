@@ -1,4 +1,4 @@
-"""`geco` command line: data synth, train cigm, train geco, evaluate, pipeline, compare.
+"""`geco` command line: data, train, evaluate, pipeline, compare and retrieve.
 
 Every command takes `--config FILE` and `--run-dir DIR` plus `section.key=value` overrides.
 Problems the user can fix (GecoError) print one clear line and exit with status 2.
@@ -52,6 +52,21 @@ def build_parser() -> argparse.ArgumentParser:
         if stage == "geco":
             t.add_argument("--cigm", help="CIGM checkpoint (default <run-dir>/cigm/best.pt, else last.pt)")
         _common(t)
+
+    ret = sub.add_parser("retrieve", help="rank a registered retriever's catalogue for one top "
+                         "and draw the picture")
+    ret.add_argument("top", help="top image (JPEG, PNG, ...)")
+    ret.add_argument("--model", default="models:/geco-retriever@champion",
+                     help="MLflow model URI (models:/NAME@ALIAS, models:/NAME/N, runs:/..., a "
+                     "folder); registry names resolve in tracking.uri / $MLFLOW_TRACKING_URI")
+    ret.add_argument("--k", type=int, default=10, help="bottoms to return")
+    ret.add_argument("--seed", type=int, default=0, help="template noise seed")
+    ret.add_argument("--out", help="picture path (default TOP_retrieved.png next to the top)")
+    ret.add_argument("--true-bottom", action="append", default=[],
+                     help="the bottom that goes with the top (framed; repeatable); default: "
+                     "looked up in the split CSVs next to the top's image folder")
+    ret.add_argument("--json", action="store_true", help="print the answer as JSON")
+    _common(ret, run_dir=False)
 
     ev = sub.add_parser("evaluate", help="metrics of a trained GECo on a split")
     ev.add_argument("--split", default="test", choices=("valid", "test"))
@@ -130,8 +145,35 @@ def cmd_compare(cfg: Config, run_dir: Path, models: str, split: str = "test",
     return result
 
 
+def cmd_retrieve(args: argparse.Namespace, cfg: Config) -> dict:
+    from geco.retrieve import retrieve
+    from geco.tracking import resolve_uri
+
+    out = retrieve(args.top, model_uri=args.model, tracking_uri=resolve_uri(cfg.tracking),
+                   k=args.k, seed=args.seed, out=args.out, truth=set(args.true_bottom))
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return out
+    print(f"{out['model']}: top-{len(out['results'])} bottoms for {out['top']}")
+    for r in out["results"]:
+        mark = "  <- true bottom" if r["true"] else ""
+        print(f"{r['rank']:>4}  {r['bottom_id']:<24} {r['score']:>10.4f}  {r['image_uri']}{mark}")
+    if out["truth"] and not any(r["true"] for r in out["results"]):
+        print(f"     true bottom {', '.join(out['truth'])} is not in the top {args.k}")
+    print(f"picture: {out['picture']}")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse takes section.key=value overrides only before the first option that follows
+    # a positional: accept them anywhere on the line.
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*getattr(args, "overrides", []), *extra]
     setup_logging()
     try:
         cfg = load_config(args.config, args.overrides)
@@ -142,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
                 cmd_shard(args, cfg)
             else:
                 cmd_synth(args, cfg)
+            return 0
+        if args.command == "retrieve":
+            cmd_retrieve(args, cfg)
             return 0
         run_dir = Path(args.run_dir)
         if args.command == "train":

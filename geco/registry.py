@@ -1,12 +1,12 @@
-"""The served retriever: an MLflow pyfunc over (GECo, CIGM, embedded catalogue), its
-registration, and the champion/candidate promotion gate with rollback.
+"""The registered retriever: logging the MLflow pyfunc (geco.serving) over GECo, CIGM and an
+embedded catalogue, its registration, and the champion/candidate promotion gate with rollback.
+
+The pyfunc is logged as code ("models from code": geco/serving_model.py plus a copy of the
+geco package as its code path), so loading or serving it needs torch, torchvision and the
+other requirements it lists, but no installed geco package.
 
 MLflow (and torch) are imported inside functions only, so `import geco.registry` stays cheap
 (the promotion CLI needs neither torch nor a model) and works without MLflow.
-`GecoRetrieverModel` must subclass mlflow.pyfunc.PythonModel, so it is built on first
-attribute access (PEP 562) and cached under its own module and name: cloudpickle then stores
-it by reference (`geco.registry.GecoRetrieverModel`), not by value, and a fresh process that
-loads the model imports this module to get the class back.
 
 Registry layout: aliases "candidate" (last registered) and "champion" (served); the gate
 writes its decision as `gate.*` tags on the candidate version, and a new champion records the
@@ -17,203 +17,27 @@ from __future__ import annotations
 
 import io
 import math
+import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from geco.errors import DataError, GecoError
+from geco.errors import GecoError
 
 ARTIFACT_PATH = "retriever"
 CANDIDATE, CHAMPION = "candidate", "champion"
 PREVIOUS_TAG = "geco.previous_champion"
-DEFAULT_K, DEFAULT_SEED = 10, 0
-_BATCH = 64  # query images embedded per forward pass
-
-if TYPE_CHECKING:
-    import torch
-
-_model_class: type | None = None
+PACKAGE_DIR = Path(__file__).resolve().parent  # the geco package, logged with every model
 
 
 def __getattr__(name: str) -> Any:
+    # Versions registered before the models-from-code switch pickled the pyfunc class by
+    # reference as geco.registry.GecoRetrieverModel: keep loading them.
     if name == "GecoRetrieverModel":
-        global _model_class
-        if _model_class is None:
-            _model_class = _build_model_class()
-        return _model_class
+        from geco import serving
+
+        return serving.GecoRetrieverModel
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Inference: plain functions, so tests and other callers can use them without MLflow.
-
-
-@dataclass
-class Bundle:
-    """Everything `predict` needs: the CPU retriever, its input size and the catalogue."""
-
-    retriever: Any  # geco.models.geco.Retriever
-    image_size: int
-    ids: list[str]
-    embeddings: torch.Tensor  # [N, d] float32, plus the prior column with a popularity weight
-
-
-def load_catalogue(path: str | Path) -> dict[str, Any]:
-    import torch
-
-    try:
-        cat = torch.load(Path(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - re-raised with the file named
-        raise GecoError(f"cannot read catalogue {path}: {exc}") from exc
-    if not isinstance(cat, dict) or not {"ids", "embeddings", "image_size"} <= set(cat):
-        raise GecoError(f"{path} is not a geco catalogue (ids, embeddings, image_size)")
-    if len(cat["ids"]) != len(cat["embeddings"]) or not cat["ids"]:
-        raise GecoError(f"{path}: {len(cat['ids'])} ids for {len(cat['embeddings'])} embeddings")
-    return cat
-
-
-def load_bundle(geco_checkpoint: str | Path, generator_checkpoint: str | Path,
-                catalogue: str | Path) -> Bundle:
-    import torch
-
-    from geco.models.geco import load_retriever
-
-    retriever, ckpt = load_retriever(geco_checkpoint, torch.device("cpu"),
-                                     generator_path=generator_checkpoint)
-    size = int(ckpt["config"]["data"]["image_size"])
-    cat = load_catalogue(catalogue)
-    emb = cat["embeddings"].float()
-    if int(cat["image_size"]) != size:
-        raise GecoError(f"catalogue {catalogue} was embedded at {cat['image_size']} px, "
-                        f"the GECo model {geco_checkpoint} expects {size} px")
-    dim = retriever.model.bottom_proj.out_features
-    if emb.dim() != 2 or emb.shape[1] != dim:
-        raise GecoError(f"catalogue {catalogue}: embeddings {tuple(emb.shape)}, model has {dim}-d")
-    ids = [str(i) for i in cat["ids"]]
-    return Bundle(retriever, size, ids, retriever.with_prior_bottoms(ids, emb))
-
-
-def _image_values(model_input: Any) -> list[Any]:
-    """A DataFrame with an "image" column, a mapping {"image": [...]}, or a plain list/tuple
-    of paths or bytes."""
-    if isinstance(model_input, (list, tuple)):
-        return list(model_input)
-    if isinstance(model_input, dict):
-        if "image" not in model_input:
-            raise DataError(f"input has no 'image' key (keys: {sorted(model_input)})")
-        value = model_input["image"]
-        return list(value) if isinstance(value, (list, tuple)) else [value]
-    columns = getattr(model_input, "columns", None)
-    if columns is None and hasattr(model_input, "tolist"):  # a Series or a 1-d array
-        return list(model_input.tolist())
-    if columns is None:
-        raise DataError(f"expected a DataFrame with an 'image' column or a list of paths/bytes, "
-                        f"got {type(model_input).__name__}")
-    if "image" not in columns:
-        raise DataError(f"input has no 'image' column (columns: {list(columns)})")
-    return list(model_input["image"])
-
-
-def _open(row: int, value: Any):
-    from PIL import Image
-
-    if isinstance(value, (bytes, bytearray, memoryview)):
-        where, source = f"row {row} (bytes)", io.BytesIO(bytes(value))
-    elif isinstance(value, (str, Path)):
-        where, source = f"row {row} ({value})", str(value)
-    else:
-        raise DataError(f"row {row}: expected a file path or image bytes, "
-                        f"got {type(value).__name__}")
-    try:
-        with Image.open(source) as im:
-            im.load()  # decode now: a truncated file fails here, named
-            return im.convert("RGB")
-    except FileNotFoundError:
-        reason = "file not found"
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-    raise DataError(f"cannot read image at {where}: {reason}")
-
-
-def query_noise(retriever: Any, n: int, seed: int) -> torch.Tensor:
-    """One noise vector from `seed`, shared by every row: a query's answer depends only on its
-    image and the seed, not on which other images came in the same request."""
-    import torch
-
-    z = torch.randn(1, retriever.generator.noise_dim, generator=torch.Generator().manual_seed(seed))
-    return z.expand(n, -1)
-
-
-def rank(bundle: Bundle, model_input: Any, *, k: int = DEFAULT_K, seed: int = DEFAULT_SEED):
-    """Top-k catalogue bottoms per input top: DataFrame(query, rank, bottom_id, score)."""
-    import pandas as pd
-    import torch
-
-    from geco.data.transforms import imagenet_transform
-
-    if k < 1:
-        raise GecoError(f"k must be >= 1, got {k}")
-    values = _image_values(model_input)
-    tf = imagenet_transform(bundle.image_size)
-    tops = [tf(_open(r, v)) for r, v in enumerate(values)]  # every row checked before any work
-    k = min(k, len(bundle.ids))
-    cols: dict[str, list] = {"query": [], "rank": [], "bottom_id": [], "score": []}
-    for start in range(0, len(tops), _BATCH):  # Retriever methods run under no_grad
-        x = torch.stack(tops[start:start + _BATCH])
-        q = bundle.retriever.queries(x, query_noise(bundle.retriever, len(x), seed)).float()
-        q = bundle.retriever.with_prior_queries(q)  # geco.popularity_weight
-        # A stable sort keeps ties in catalogue order, so rankings are reproducible.
-        scores, order = torch.sort(q @ bundle.embeddings.T, dim=1, descending=True, stable=True)
-        for i in range(len(x)):
-            cols["query"] += [start + i] * k
-            cols["rank"] += range(1, k + 1)
-            cols["bottom_id"] += [bundle.ids[j] for j in order[i, :k].tolist()]
-            cols["score"] += scores[i, :k].tolist()
-    return pd.DataFrame(cols)
-
-
-def _build_model_class() -> type:
-    import mlflow.pyfunc
-    import pandas as pd
-
-    def load_context(self, context) -> None:
-        a = context.artifacts
-        self.bundle = load_bundle(a["geco"], a["generator"], a["catalogue"])
-
-    def predict(self, context, model_input, params=None):
-        params = params or {}
-        return rank(self.bundle, model_input, k=int(params.get("k", DEFAULT_K)),
-                    seed=int(params.get("seed", DEFAULT_SEED)))
-
-    # MLflow 3 inspects predict's input hint when the class is created: without one it warns
-    # in every process that loads the model; DataFrame is a hint it takes as "no schema to
-    # infer, nothing to enforce" (a list input still reaches `rank`). The hint must be a real
-    # object: this module's postponed (string) annotations would not resolve here.
-    predict.__annotations__ = {"model_input": pd.DataFrame}
-    # __module__/__qualname__ name where `__getattr__` serves the class from, so pickle and
-    # cloudpickle store a reference to it, not its code.
-    return type("GecoRetrieverModel", (mlflow.pyfunc.PythonModel,), {
-        "__doc__": "Top image(s) in, top-k catalogue bottoms out (see geco.registry.rank).",
-        "__module__": __name__, "__qualname__": "GecoRetrieverModel",
-        "load_context": load_context, "predict": predict,
-    })
-
-
-def signature():
-    """Params k and seed (MLflow drops params at predict time unless the signature declares
-    them) and the output columns. No input schema: MLflow would then refuse a plain list of
-    paths; `rank` checks the input itself ("image" column of paths or bytes, or a list)."""
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema
-
-    return ModelSignature(
-        outputs=Schema([ColSpec("long", "query"), ColSpec("long", "rank"),
-                        ColSpec("string", "bottom_id"), ColSpec("double", "score")]),
-        params=ParamSchema([ParamSpec("k", "long", DEFAULT_K),
-                            ParamSpec("seed", "long", DEFAULT_SEED)]),
-    )
-
 
 # ---------------------------------------------------------------------------------------------
 # Catalogue building.
@@ -235,8 +59,14 @@ def build_catalogue(retriever: Any, data: Any, split: str, out_path: str | Path,
                                    image_size=image_size, batch_size=batch_size)
     if not ids:
         raise GecoError(f"build_catalogue: no bottoms in {data.describe(split)}")
+    # Where a client finds each bottom's picture: the image file of a dataset folder; shards
+    # keep images inside tars, which no client can fetch by URI ("").
+    from geco.data.source import FolderData
+
+    folder = data.splits((split,))[1] if isinstance(data, FolderData) else None
+    uris = [str(folder.path(i).resolve()) if folder else "" for i in ids]
     cat = {"ids": list(ids), "embeddings": emb.float().contiguous(), "image_size": image_size,
-           "source": data.describe(split)}
+           "image_uris": uris, "source": data.describe(split)}
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(cat, out_path)
     return cat
@@ -255,12 +85,18 @@ def _client(client_or_uri: Any):
     return client_or_uri
 
 
+# What the logged geco code imports to serve (geco itself travels as the model's code path:
+# "geco" on PyPI is an unrelated package). boto3: catalogues in S3.
+SERVING_REQUIREMENTS = ("torch", "torchvision", "pillow", "numpy", "pandas", "pyyaml", "boto3",
+                        "mlflow")
+
+
 def _requirements() -> list[str]:
     # Explicit pins: MLflow's inference would load the model in a subprocess at log time.
     from importlib.metadata import PackageNotFoundError, version
 
     reqs = []
-    for pkg in ("geco", "torch", "torchvision", "pillow", "pandas", "mlflow"):
+    for pkg in SERVING_REQUIREMENTS:
         try:
             reqs.append(f"{pkg}=={version(pkg).split('+')[0]}")
         except PackageNotFoundError:
@@ -288,20 +124,39 @@ def _serving_copy(src: str | Path, stage: str, dst: Path) -> str:
     return str(dst)
 
 
+def _package_copy(dst: Path) -> str:
+    """geco's source without caches or compiled files: the model's code path."""
+    shutil.copytree(PACKAGE_DIR, dst / "geco",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.so"))
+    return str(dst / "geco")
+
+
+def _grey_jpeg(size: int = 64) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (128, 128, 128)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
 def log_retriever(run_id: str, *, tracking_uri: str, geco_checkpoint: str | Path,
                   generator_checkpoint: str | Path, catalogue: str | Path,
                   registered_model: str | None = None,
-                  metrics: dict[str, float] | None = None) -> dict[str, Any]:
+                  metrics: dict[str, float] | None = None,
+                  example_image: bytes | None = None) -> dict[str, Any]:
     """Save the pyfunc and log it as artifacts `retriever/` of run `run_id` (its status is
     left as it was); with `registered_model`, register it as a new version tagged with
     `metrics` and point alias "candidate" at it. Everything goes through one explicit client
     bound to `tracking_uri`: MLflow's global tracking URI and active run are never touched.
+    `example_image` (a top's JPEG bytes; default a grey square) is the logged input example,
+    which MLflow's UI shows as the request format.
 
     Returns {"model_uri", "run_model_uri", "version"} (version None when not registered)."""
-    import warnings
-
     import mlflow.pyfunc
+    import pandas as pd
     from mlflow.exceptions import MlflowException
+
+    from geco.serving import DEFAULT_K, DEFAULT_SEED, signature
 
     for label, path in (("GECo checkpoint", geco_checkpoint), ("CIGM checkpoint",
                         generator_checkpoint), ("catalogue", catalogue)):
@@ -315,13 +170,15 @@ def log_retriever(run_id: str, *, tracking_uri: str, geco_checkpoint: str | Path
                                                 Path(tmp) / "generator.pt"),
                      "catalogue": str(catalogue)}
         model_dir = Path(tmp) / ARTIFACT_PATH
-        with warnings.catch_warnings():
-            # No input example on purpose: MLflow would load and run the model to validate it.
-            warnings.filterwarnings("ignore", message=".*input_example.*", category=UserWarning)
-            mlflow.pyfunc.save_model(str(model_dir),
-                                     python_model=__getattr__("GecoRetrieverModel")(),
-                                     artifacts=artifacts, signature=signature(),
-                                     pip_requirements=_requirements())
+        example = pd.DataFrame({"image": [example_image or _grey_jpeg()]})
+        # With a signature given, save_model stores the example without running the model.
+        mlflow.pyfunc.save_model(
+            str(model_dir), python_model=str(PACKAGE_DIR / "serving_model.py"),
+            code_paths=[_package_copy(Path(tmp) / "code")], artifacts=artifacts,
+            signature=signature(), pip_requirements=_requirements(),
+            # Declared so that load_model(..., model_config={"catalogue": URI}) may set it.
+            model_config={"catalogue": ""},
+            input_example=(example, {"k": DEFAULT_K, "seed": DEFAULT_SEED}))
         client.log_artifacts(run_id, str(model_dir), ARTIFACT_PATH)
     out: dict[str, Any] = {"model_uri": run_model_uri, "run_model_uri": run_model_uri,
                            "version": None}

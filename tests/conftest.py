@@ -85,6 +85,29 @@ def synth_small(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def retriever_files(synth_small, tiny, tmp_path_factory) -> tuple[dict[str, Path], dict]:
+    """A 1-epoch CIGM + GECo at 32 px and a catalogue of every test-split bottom (with image
+    URIs), trained once per session: ({"geco", "generator", "catalogue"}, GECo's summary)."""
+    import torch
+
+    from geco import registry
+    from geco.data.source import open_data
+    from geco.models.geco import load_retriever
+    from geco.train.loop import train
+
+    run = tmp_path_factory.mktemp("retriever_run")
+    train(tiny(synth_small), "cigm", run)
+    _, summary = train(tiny(synth_small), "geco", run)
+    files = {"geco": run / "geco" / "best.pt", "generator": run / "cigm" / "last.pt",
+             "catalogue": run / "catalogue.pt"}
+    retriever, _ = load_retriever(files["geco"], torch.device("cpu"),
+                                  generator_path=files["generator"])
+    registry.build_catalogue(retriever, open_data(tiny(synth_small).data), "test",
+                             files["catalogue"], image_size=32)
+    return files, summary
+
+
 # The modules that take minutes (measured with `pytest --durations=40`), longest first: under
 # pytest-xdist they start first, so the short modules fill the other worker around them instead
 # of one long module starting last and running alone.

@@ -257,3 +257,35 @@ def test_geco_forward_matches_parts_and_calls_backbone_separately(geco_model: GE
         q = geco_model.query(tops, temps)
     assert torch.allclose(q, separate, atol=1e-5)
     assert not torch.allclose(q, joint_q, atol=1e-3)
+
+
+def test_template_norm_exclude_keeps_templates_out_of_running_stats() -> None:
+    """geco.template_norm: "reference" and "exclude" normalise templates with their own batch
+    statistics in training (same query); "exclude" and "running" leave the running statistics
+    to the real photos; "running" normalises templates with them."""
+    torch.manual_seed(2)
+    tops, temps = torch.randn(4, 3, 32, 32), torch.rand(4, 3, 32, 32) + 1
+    models = {}
+    for mode in ("reference", "exclude", "running"):
+        torch.manual_seed(0)
+        models[mode] = GECo(resnet18_features("random", allow_random_init=True),
+                            template_norm=mode).train()
+    torch.manual_seed(0)
+    tops_only = GECo(resnet18_features("random", allow_random_init=True)).train()
+    with torch.no_grad():
+        q = {mode: m.query(tops, temps) for mode, m in models.items()}
+        tops_only.features(tops)  # the running statistics of the tops alone
+    assert torch.allclose(q["reference"], q["exclude"])
+    assert not torch.allclose(q["reference"], q["running"], atol=1e-3)
+
+    def stats(m: GECo) -> list[torch.Tensor]:
+        return [b for n, b in m.backbone.named_buffers() if "running" in n]
+
+    for mode in ("exclude", "running"):
+        assert all(torch.equal(a, b) for a, b in zip(stats(models[mode]), stats(tops_only),
+                                                     strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(stats(models["reference"]),
+                                                     stats(tops_only), strict=True))
+    for m in models.values():  # restored
+        assert all(bn.momentum == 0.1 and bn.training for bn in m.backbone.modules()
+                   if isinstance(bn, torch.nn.BatchNorm2d))

@@ -4,10 +4,10 @@ rollback and the ray_jobs/promote.py CLI; lazy MLflow import and by-reference pi
 
 from __future__ import annotations
 
+import base64
 import csv
 import json
 import os
-import pickletools
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +17,9 @@ import torch
 
 from geco import registry
 from geco.data.images import ImageFolder
-from geco.data.source import open_data
 from geco.data.transforms import imagenet_transform
 from geco.errors import GecoError
 from geco.models.geco import load_retriever
-from geco.train.loop import train
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -54,17 +52,9 @@ def stray_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def model_files(synth_small, tiny, tmp_path_factory):
-    """A 1-epoch CIGM + GECo at 32 px and a catalogue of every test-split bottom."""
-    run = tmp_path_factory.mktemp("registry_run")
-    train(tiny(synth_small), "cigm", run)
-    _, summary = train(tiny(synth_small), "geco", run)
-    files = {"geco": run / "geco" / "best.pt", "generator": run / "cigm" / "last.pt",
-             "catalogue": run / "catalogue.pt"}
-    retriever, _ = load_retriever(files["geco"], torch.device("cpu"),
-                                  generator_path=files["generator"])
-    cat = registry.build_catalogue(retriever, open_data(tiny(synth_small).data), "test",
-                                   files["catalogue"], image_size=32)
+def model_files(retriever_files, synth_small):
+    files, summary = retriever_files
+    cat = torch.load(files["catalogue"], weights_only=True)
     # Every bottom the test rows mention, once, in order of first appearance.
     ids = [b for row in split_rows(synth_small) for b in row[1:]]
     assert cat["ids"] == list(dict.fromkeys(ids))
@@ -113,9 +103,9 @@ first = model.predict(frame, params={"k": 10, "seed": 7})
 again = model.predict(frame, params={"k": 10, "seed": 7})
 raw = model.predict(pd.DataFrame({"image": [open(p, "rb").read() for p in paths]}),
                     params={"k": 10, "seed": 7})
-default = model.predict(list(paths))  # a plain list, default params (k=10, seed=0)
-mapping = model.predict({"image": list(paths)})  # a dict, as in the README
-assert mapping.equals(default), "dict input must rank like list input"
+default = model.predict(pd.DataFrame({"image": paths}))  # default params (k=10, seed=0)
+mapping = model.predict({"image": list(paths)})  # a dict
+assert mapping.equals(default), "dict input must rank like a DataFrame"
 try:
     model.predict(pd.DataFrame({"image": [paths[0], paths[0] + ".missing"]}))
     error = None
@@ -123,7 +113,7 @@ except Exception as exc:
     error = f"{type(exc).__name__}: {exc}"
 json.dump({"first": first.to_dict("list"), "again": again.to_dict("list"),
            "raw": raw.to_dict("list"), "default": default.to_dict("list"), "error": error,
-           "registry_loaded": "geco.registry" in sys.modules}, open(out, "w"))
+           "geco_file": sys.modules["geco"].__file__}, open(out, "w"))
 """
 
 
@@ -171,7 +161,8 @@ def test_fresh_process_predicts_topk_from_the_catalogue(served, model_files):
     files, _ = model_files
     catalogue = set(torch.load(files["catalogue"], weights_only=True)["ids"])
     first = result["first"]
-    assert result["registry_loaded"]  # the class came back by import, not from the pickle
+    # The model's own copy of geco served, not the installed package.
+    assert Path(result["geco_file"]).parts[-3:] == ("code", "geco", "__init__.py")
     assert first["query"] == [q for q in range(N_QUERIES) for _ in range(10)]
     assert first["rank"] == list(range(1, 11)) * N_QUERIES
     assert set(first["bottom_id"]) <= catalogue
@@ -205,29 +196,6 @@ def test_pyfunc_ranks_like_the_retriever_itself(served, model_files, synth_small
         torch.testing.assert_close(torch.tensor(result["first"]["score"][q * 10:(q + 1) * 10],
                                                 dtype=torch.float64),
                                    scores[q, order].double(), rtol=1e-4, atol=1e-3)
-
-
-def test_catalogue_and_input_guards(model_files, synth_small, tmp_path):
-    files, _ = model_files
-    bundle = registry.load_bundle(files["geco"], files["generator"], files["catalogue"])
-    top = str(synth_small / "img" / f"{split_rows(synth_small)[0][0]}.jpg")
-    n = len(bundle.ids)
-    assert len(registry.rank(bundle, [top], k=n + 5)) == n  # k capped by the catalogue
-    with pytest.raises(GecoError, match="k must be >= 1"):
-        registry.rank(bundle, [top], k=0)
-    with pytest.raises(GecoError, match="row 1: expected a file path or image bytes"):
-        registry.rank(bundle, [top, 3.5])
-    with pytest.raises(GecoError, match=r"row 0 \(bytes\)"):
-        registry.rank(bundle, [b"not an image"])
-    with pytest.raises(GecoError, match="no 'image' column"):
-        registry.rank(bundle, __import__("pandas").DataFrame({"path": [top]}))
-
-    cat = torch.load(files["catalogue"], weights_only=True)
-    for change, match in (({"image_size": 64}, "embedded at 64 px"),
-                          ({"embeddings": cat["embeddings"][:, :5]}, "model has 128-d")):
-        torch.save({**cat, **change}, tmp_path / "bad.pt")
-        with pytest.raises(GecoError, match=match):
-            registry.load_bundle(files["geco"], files["generator"], tmp_path / "bad.pt")
 
 
 def test_gate_promotes_refuses_and_rolls_back(store, model_files):
@@ -321,27 +289,34 @@ def test_promote_cli(store):
         assert r.stderr.startswith("geco: error: ") and message in r.stderr
 
 
-def test_import_is_lazy_and_the_class_pickles_by_reference(store):
-    code = ("import sys, geco.registry; "
-            "assert not {'mlflow', 'ray'} & set(sys.modules), 'geco.registry imported mlflow'")
+def test_logged_model_is_code_with_a_binary_signature(store):
+    """Models from code: the logged model is geco's source (no pickle, no requirement on a
+    package named geco), a binary "image" input, params k/seed and a serving input example."""
+    code = ("import sys, geco.registry, geco.serving; "
+            "assert not {'mlflow', 'ray', 'torch'} & set(sys.modules), 'imported too much'")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
-    import cloudpickle
-
-    cls = registry.GecoRetrieverModel
-    assert cls is registry.GecoRetrieverModel  # built once, cached
-    assert issubclass(cls, mlflow.pyfunc.PythonModel)
-    assert (cls.__module__, cls.__qualname__) == ("geco.registry", "GecoRetrieverModel")
-    blob = cloudpickle.dumps(cls())
-    strings = [arg for op, arg, _ in pickletools.genops(blob) if isinstance(arg, str)]
-    assert "geco.registry" in strings and "GecoRetrieverModel" in strings
-    assert not any("skeleton" in s or "make_function" in s for s in strings)  # not by value
-
-    # The file MLflow actually wrote for the logged model is the same small reference.
     uri = store[0]
     # download_artifacts("models:/m-...", tracking_uri=uri) would look the model up through
     # the global tracking URI: ask this store's registry where the files are instead.
     location = mlflow.MlflowClient(uri).get_model_version_download_uri(MODEL, "1")
     local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location))
-    saved = (local / "python_model.pkl").read_bytes()
-    assert b"geco.registry" in saved and b"skeleton" not in saved and len(saved) < 200
+    assert not (local / "python_model.pkl").exists()
+    assert (local / "serving_model.py").is_file() and (local / "code/geco/serving.py").is_file()
+    assert not list((local / "code").rglob("__pycache__"))
+    reqs = (local / "requirements.txt").read_text().split()
+    assert not [r for r in reqs if r.split("==")[0] == "geco"] and any(
+        r.startswith("torch==") for r in reqs)
+    info = mlflow.models.get_model_info(str(local))
+    assert info.signature.inputs.to_dict() == [{"type": "binary", "name": "image",
+                                                "required": True}]
+    assert {p.name: p.default for p in info.signature.params} == {"k": 10, "seed": 0}
+    assert "image_uri" in info.signature.outputs.input_names()
+    example = json.loads((local / "serving_input_example.json").read_text())
+    assert example["params"] == {"k": 10, "seed": 0}
+    jpeg = base64.b64decode(example["dataframe_split"]["data"][0][0])
+    assert jpeg[:2] == b"\xff\xd8"  # a JPEG, as a client sends it
+    # An old version (the pyfunc class pickled by reference) still finds its class.
+    from geco import serving
+
+    assert registry.GecoRetrieverModel is serving.GecoRetrieverModel

@@ -9,6 +9,7 @@ epoch: StepLR, validation on the valid split, best epoch by `geco.selection_metr
 
 from __future__ import annotations
 
+import contextlib
 import math
 import typing
 from collections.abc import Iterable, Sequence
@@ -38,6 +39,13 @@ REGULARISERS: tuple[str, ...] = typing.get_args(Regulariser)
 # What the query sees besides the top (docs/model.md §3.1; Table 4's extension): the generated
 # template (the paper), a constant grey template (same network, no information), or nothing.
 TemplateMode = Literal["generated", "constant", "none"]
+# How the backbone's BatchNorm treats templates in training (docs/model.md §3.8): "reference"
+# normalises a template batch with its own statistics, which also move the running statistics
+# used at evaluation; "exclude" does the same but keeps the running statistics to the real
+# photos; "running" normalises templates with the running statistics of the real photos (and
+# never updates them), in training as at evaluation.
+TemplateNorm = Literal["reference", "exclude", "running"]
+TEMPLATE_NORMS: tuple[str, ...] = typing.get_args(TemplateNorm)
 SelectionMetric = Literal["auc_1vs3", "auc_1vs1", "mrr_1vs9", "mrr_full", "recall_at_1",
                           "recall_at_10", "ndcg_at_10"]
 
@@ -67,6 +75,7 @@ class GECoConfig:
     global_negatives: bool = False
     # Ablation: "constant" feeds a grey template, "none" a query of the top alone.
     template: TemplateMode = "generated"
+    template_norm: TemplateNorm = "reference"
     # Popularity prior (docs/model.md §3.7): score = <q, e_b> + w·log(1 + n_b), n_b = distinct
     # training tops paired with bottom b. 0 = off: the paper's plain dot product.
     popularity_weight: float = 0.0
@@ -90,6 +99,8 @@ class GECoConfig:
             require(isinstance(w, (int, float)) and math.isfinite(w) and w >= 0,
                     f"{key}.popularity_search", self.popularity_search,
                     "must be a list of finite weights >= 0")
+        require(self.template_norm in TEMPLATE_NORMS, f"{key}.template_norm", self.template_norm,
+                f"must be one of {', '.join(TEMPLATE_NORMS)}")
         self.backbone.validate(f"{key}.backbone")
 
 
@@ -114,10 +125,12 @@ class GECo(nn.Module):
     """Shared backbone + one linear projection per branch; score = plain dot product."""
 
     def __init__(self, backbone: nn.Module, feat_dim: int = 512, emb_dim: int = 128,
-                 template: TemplateMode = "generated") -> None:
+                 template: TemplateMode = "generated", template_norm: TemplateNorm = "reference"
+                 ) -> None:
         super().__init__()
         self.backbone = backbone
         self.template = template
+        self.template_norm = template_norm
         self.query_proj = nn.Linear((1 if template == "none" else 2) * feat_dim, emb_dim)
         self.bottom_proj = nn.Linear(feat_dim, emb_dim)
         for lin in (self.query_proj, self.bottom_proj):
@@ -132,7 +145,12 @@ class GECo(nn.Module):
             return self.query_proj(self.features(tops))
         # Separate backbone calls: in train mode each set gets its own BN batch statistics,
         # as in the reference.
-        return self.query_proj(torch.cat([self.features(tops), self.features(templates)], dim=1))
+        if self.template_norm != "reference" and self.training:
+            with batchnorm_for_templates(self.backbone, self.template_norm):
+                template_features = self.features(templates)
+        else:
+            template_features = self.features(templates)
+        return self.query_proj(torch.cat([self.features(tops), template_features], dim=1))
 
     def embed_bottoms(self, bottoms: Tensor) -> Tensor:
         return self.bottom_proj(self.features(bottoms))
@@ -147,10 +165,32 @@ class GECo(nn.Module):
         return (q * b).sum(dim=-1)
 
 
+@contextlib.contextmanager
+def batchnorm_for_templates(module: nn.Module, mode: TemplateNorm):
+    """For the block, the BatchNorm layers of a train-mode `module` leave their running
+    statistics as they were: "exclude" keeps normalising with batch statistics (momentum 0:
+    running = 1·running + 0·batch), "running" normalises with the running ones (eval mode).
+    Gradients flow either way."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in bns]
+    for m in bns:
+        if mode == "running":
+            m.eval()
+        else:
+            m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, training) in zip(bns, saved, strict=True):
+            m.momentum = momentum
+            m.train(training)
+
+
 def build_model(cfg: Config) -> GECo:
     b = cfg.geco.backbone
     backbone = resnet18_features(b.weights, allow_random_init=b.allow_random_init)
-    return GECo(backbone, emb_dim=cfg.geco.emb_dim, template=cfg.geco.template)
+    return GECo(backbone, emb_dim=cfg.geco.emb_dim, template=cfg.geco.template,
+                template_norm=cfg.geco.template_norm)
 
 
 @dataclass
