@@ -1,4 +1,4 @@
-"""`geco` command line: data, train, evaluate, pipeline, compare and retrieve.
+"""`geco` command line: data, train, evaluate, pipeline, compare, retrieve and catalogue.
 
 Every command takes `--config FILE` and `--run-dir DIR` plus `section.key=value` overrides.
 Problems the user can fix (GecoError) print one clear line and exit with status 2.
@@ -65,8 +65,27 @@ def build_parser() -> argparse.ArgumentParser:
     ret.add_argument("--true-bottom", action="append", default=[],
                      help="the bottom that goes with the top (framed; repeatable); default: "
                      "looked up in the split CSVs next to the top's image folder")
+    ret.add_argument("--catalogue", default="", help="a catalogue (geco catalogue build; file "
+                     "or s3://) instead of the one registered with the model")
     ret.add_argument("--json", action="store_true", help="print the answer as JSON")
     _common(ret, run_dir=False)
+
+    cat = sub.add_parser("catalogue", help="bottom catalogues").add_subparsers(
+        dest="catalogue_cmd", required=True)
+    cb = cat.add_parser("build", help="embed a bottom inventory for a model: a versioned "
+                        "catalogue a served model loads by URI")
+    cb.add_argument("source", help="catalogue shards (a shard root with manifest.json), a "
+                    "folder of images, or a CSV with columns id,uri (local or s3://)")
+    cb.add_argument("--model", default="models:/geco-retriever@champion",
+                    help="MLflow model URI of a geco retriever, or a GECo checkpoint file")
+    cb.add_argument("--out", required=True, help="catalogue file (local or s3://); ending in "
+                    "/ writes catalogue-<version>.pt there")
+    cb.add_argument("--split", default="test", help="shards: whose catalogue shards")
+    cb.add_argument("--image-base", default="", help="URL prefix of the bottoms' pictures "
+                    "(<base>/<file name>; for shards <base>/<id>.jpg)")
+    cb.add_argument("--on-bad-image", default="error", choices=("error", "skip"))
+    cb.add_argument("--batch-size", type=int, default=64)
+    _common(cb, run_dir=False)
 
     ev = sub.add_parser("evaluate", help="metrics of a trained GECo on a split")
     ev.add_argument("--split", default="test", choices=("valid", "test"))
@@ -150,7 +169,8 @@ def cmd_retrieve(args: argparse.Namespace, cfg: Config) -> dict:
     from geco.tracking import resolve_uri
 
     out = retrieve(args.top, model_uri=args.model, tracking_uri=resolve_uri(cfg.tracking),
-                   k=args.k, seed=args.seed, out=args.out, truth=set(args.true_bottom))
+                   k=args.k, seed=args.seed, out=args.out, truth=set(args.true_bottom),
+                   catalogue=args.catalogue)
     if args.json:
         print(json.dumps(out, indent=2))
         return out
@@ -187,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "retrieve":
             cmd_retrieve(args, cfg)
+            return 0
+        if args.command == "catalogue":
+            from geco.catalogue import build
+            from geco.tracking import resolve_uri
+
+            out = build(args.model, args.source, args.out, tracking_uri=resolve_uri(cfg.tracking),
+                        split=args.split, image_base=args.image_base,
+                        batch_size=args.batch_size, on_bad=args.on_bad_image)
+            print(json.dumps(out, indent=2, sort_keys=True))
             return 0
         run_dir = Path(args.run_dir)
         if args.command == "train":

@@ -65,8 +65,11 @@ def build_catalogue(retriever: Any, data: Any, split: str, out_path: str | Path,
 
     folder = data.splits((split,))[1] if isinstance(data, FolderData) else None
     uris = [str(folder.path(i).resolve()) if folder else "" for i in ids]
-    cat = {"ids": list(ids), "embeddings": emb.float().contiguous(), "image_size": image_size,
-           "image_uris": uris, "source": data.describe(split)}
+    from geco.catalogue import FORMAT, bottom_fingerprint
+
+    cat = {"format": FORMAT, "ids": list(ids), "embeddings": emb.float().contiguous(),
+           "image_size": image_size, "image_uris": uris, "source": data.describe(split),
+           "model": {"uri": "", "fingerprint": bottom_fingerprint(retriever.model)}}
     Path(out_path).parent.mkdir(parents=True, exist_ok=True)
     torch.save(cat, out_path)
     return cat

@@ -22,9 +22,10 @@ DEFAULT_MODEL = "models:/geco-retriever@champion"
 CELL = 128  # px per picture cell
 
 
-def load_served_bundle(model_uri: str, tracking_uri: str):
+def load_served_bundle(model_uri: str, tracking_uri: str, catalogue: str = ""):
     """The Bundle (geco.serving) of an MLflow model URI: models:/NAME@ALIAS, models:/NAME/N,
-    runs:/ID/retriever or a local model folder; registry URIs resolve in `tracking_uri`."""
+    runs:/ID/retriever or a local model folder; registry URIs resolve in `tracking_uri`.
+    `catalogue`: a catalogue file or s3:// URI instead of the model's own."""
     import mlflow
     import mlflow.pyfunc
     from mlflow.exceptions import MlflowException
@@ -32,7 +33,8 @@ def load_served_bundle(model_uri: str, tracking_uri: str):
     mlflow.set_tracking_uri(tracking_uri)  # models:/ URIs resolve through the global one
     mlflow.set_registry_uri(tracking_uri)
     try:
-        model = mlflow.pyfunc.load_model(model_uri)
+        model = mlflow.pyfunc.load_model(
+            model_uri, model_config={"catalogue": catalogue} if catalogue else None)
     except (MlflowException, OSError) as exc:
         raise GecoError(f"cannot load model {model_uri} from {tracking_uri}: "
                         f"{str(exc).splitlines()[0]}") from None
@@ -130,7 +132,8 @@ def retrieval_row(top, template, bottoms: list[tuple[str, float, Any]], truth: s
 
 def retrieve(top: str | Path, *, model_uri: str = DEFAULT_MODEL, tracking_uri: str = "",
              k: int = 10, seed: int = 0, out: str | Path | None = None,
-             truth: set[str] | None = None, bundle: Any = None) -> dict[str, Any]:
+             truth: set[str] | None = None, bundle: Any = None, catalogue: str = ""
+             ) -> dict[str, Any]:
     """Rank the catalogue for `top` with the model (or a loaded `bundle`) and draw the picture
     (default TOP_retrieved.png next to the top); returns {"results", "picture", "truth", ...}."""
     from geco.serving import open_image, rank
@@ -138,7 +141,7 @@ def retrieve(top: str | Path, *, model_uri: str = DEFAULT_MODEL, tracking_uri: s
     top = Path(top)
     if not top.is_file():
         raise GecoError(f"top image not found: {top}")
-    bundle = bundle or load_served_bundle(model_uri, tracking_uri)
+    bundle = bundle or load_served_bundle(model_uri, tracking_uri, catalogue)
     answer = rank(bundle, [str(top)], k=k, seed=seed)
     truth = set(truth) if truth else true_bottoms(top)
     results = [{"rank": int(r.rank), "bottom_id": r.bottom_id, "score": float(r.score),

@@ -102,6 +102,15 @@ def load_bundle(geco_checkpoint: str | Path, generator_checkpoint: str | Path,
     dim = retriever.model.bottom_proj.out_features
     if emb.dim() != 2 or emb.shape[1] != dim:
         raise GecoError(f"catalogue {catalogue}: embeddings {tuple(emb.shape)}, model has {dim}-d")
+    built_for = (cat.get("model") or {}).get("fingerprint")
+    if built_for:
+        from geco.catalogue import bottom_fingerprint
+
+        if built_for != bottom_fingerprint(retriever.model):
+            made_with = (cat.get("model") or {}).get("uri") or "another model"
+            raise GecoError(f"catalogue {catalogue} was embedded with {made_with}, whose "
+                            f"weights differ from {geco_checkpoint}'s: rebuild it for this "
+                            "model (geco catalogue build --model ...)")
     ids = [str(i) for i in cat["ids"]]
     uris = [str(u) for u in cat.get("image_uris") or [""] * len(ids)]
     return Bundle(retriever, size, ids, retriever.with_prior_bottoms(ids, emb), uris,

@@ -20,6 +20,17 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def parse_args(p: argparse.ArgumentParser) -> argparse.Namespace:
+    """p.parse_args, taking section.key=value overrides anywhere on the line (argparse keeps
+    them only before the first option that follows a positional)."""
+    args, extra = p.parse_known_args()
+    stray = [a for a in extra if a.startswith("-") or "=" not in a]
+    if stray:
+        p.error(f"unrecognized arguments: {' '.join(stray)}")
+    args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def load(args):
     from geco.config import load_config
 

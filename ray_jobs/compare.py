@@ -13,7 +13,7 @@ and, with a tracking URI, in MLflow.
 
 from __future__ import annotations
 
-from _common import load, parser, run
+from _common import load, parse_args, parser, run
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
                    help="comma-separated: geco, mgcm, pix2pixcm, bpr-dae, popularity, random, "
                         "or all (default)")
     p.add_argument("--split", default="test", choices=("valid", "test"))
-    args = p.parse_args()
+    args = parse_args(p)
     cfg = load(args)
     from geco.cluster.driver import compare_pipeline, connect, preflight
     from geco.compare import parse_models

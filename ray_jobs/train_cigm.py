@@ -6,11 +6,11 @@
 
 from __future__ import annotations
 
-from _common import load, parser, run
+from _common import load, parse_args, parser, run
 
 
 def main() -> None:
-    args = parser(__doc__.splitlines()[0]).parse_args()
+    args = parse_args(parser(__doc__.splitlines()[0]))
     cfg = load(args)
     from geco.cluster.driver import connect, preflight, reported_epochs, run_stage
     from geco.cluster.worker import checkpoint_uri

@@ -12,14 +12,14 @@ Train, resumable by name).
 
 from __future__ import annotations
 
-from _common import load, parser, run
+from _common import load, parse_args, parser, run
 
 
 def main() -> None:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--cigm", default="", help="trained CIGM: Ray checkpoint folder or .pt file")
     p.add_argument("--split", default="test", help="split the best trial is evaluated on")
-    args = p.parse_args()
+    args = parse_args(p)
     cfg = load(args)
     from geco.cluster.driver import connect, preflight, sweep_pipeline
 

@@ -131,3 +131,40 @@ def test_unreachable_tracking_server_fails_the_job_by_name(ray_cluster, s3_env, 
     assert proc.returncode != 0
     out = proc.stdout + proc.stderr
     assert "geco: error:" in out and dead in out and "not reachable" in out
+
+
+def test_catalogue_job_embeds_shards_in_parallel_tasks(ray_cluster, s3_env, synth_small,
+                                                       retriever_files, tmp_path):
+    """ray_jobs/build_catalogue.py: one Ray task per catalogue shard on the worker nodes; the
+    catalogue it writes to S3 equals the in-process build of the same shards."""
+    import torch
+
+    from geco.catalogue import build
+
+    files, _ = retriever_files
+    shards = f"s3://{s3_env.bucket}/catalogue-shards"
+    assert main(["data", "shard", "--out", shards, "--image-size", "32",
+                 "--catalogue-per-shard", "40", f"data.root={synth_small}",
+                 "data.kind=standard"]) == 0
+    env = ray_cluster.runtime_env(tmp_path / "runtime_env.json", s3_env.profile_env)
+    out = f"s3://{s3_env.bucket}/catalogues/"
+    proc = ray_cluster.submit(env, "ray_jobs/build_catalogue.py", shards, "--split", "test",
+                              "--model", str(files["geco"]), "--out", out,
+                              "tracking.enabled=false", timeout=600)
+    assert proc.returncode == 0, _job_failed(proc)
+    text = proc.stdout
+    result = json.loads(text[text.index("\n{") + 1:text.rindex("\n}") + 2])
+    assert result["units"] >= 3 and "samples/s" in proc.stdout + proc.stderr
+    nodes = ray_cluster.nodes()
+    assert result["nodes"] and all(nodes[n]["name"] != "head" for n in result["nodes"])
+    assert result["path"] == f"{out}catalogue-{result['version']}.pt"
+
+    store = Storage(f"s3://{s3_env.bucket}/catalogues")
+    import io
+
+    on_ray = torch.load(io.BytesIO(store.get_bytes(f"catalogue-{result['version']}.pt")),
+                        weights_only=True)
+    here = build(str(files["geco"]), shards, str(tmp_path / "here.pt"), split="test")
+    local = torch.load(here["path"], weights_only=True)
+    assert on_ray["ids"] == local["ids"] and on_ray["version"] == local["version"]
+    torch.testing.assert_close(on_ray["embeddings"], local["embeddings"])

@@ -653,3 +653,51 @@ def compare_pipeline(cfg: Config, models: str, *, split: str = "test") -> dict[s
     print(f"comparison written to {root}/compare.{{md,csv,json}}")
     log.info("compare: %s", json.dumps({n: r.get("checkpoint") for n, r in results.items()}))
     return result
+
+
+def catalogue_pipeline(cfg: Config, model: str, source: str, out: str, *, split: str = "test",
+                       image_base: str = "", batch_size: int = 64, on_bad: str = "error",
+                       chunk: int = 512) -> dict[str, Any]:
+    """`geco catalogue build` on the cluster: the driver plans the units (one per catalogue
+    shard, or `chunk` CSV items) and ships the GECo checkpoint once through the object store;
+    each unit is a Ray task (cluster.cpus_per_worker CPUs, retried cluster.max_failures
+    times); the driver assembles and saves the catalogue as the in-process build does."""
+    import time
+
+    import ray
+    import torch
+
+    from geco.catalogue import assemble, bottom_fingerprint, load_embedder, plan, resolve_model
+    from geco.catalogue import save as save_catalogue
+    from geco.catalogue import summary as catalogue_summary
+    from geco.cluster.worker import catalogue_task
+    from geco.tracking import resolve_uri
+
+    ckpt, info = resolve_model(model, resolve_uri(cfg.tracking) if cfg.tracking.enabled else "")
+    net, size = load_embedder(ckpt)
+    info["fingerprint"] = bottom_fingerprint(net)
+    units, sources = plan(source, split=split, image_base=image_base, chunk=chunk)
+    c = cfg.cluster
+    blob = ray.put(Path(ckpt).read_bytes())
+    task = ray.remote(num_cpus=c.cpus_per_worker, max_retries=c.max_failures)(catalogue_task)
+    refs = [task.remote(blob, unit, batch_size=batch_size, on_bad=on_bad, image_base=image_base)
+            for unit in units]
+    total, done, t0 = sum(len(u) for u in units), 0, time.perf_counter()
+    sizes = {ref: len(unit) for ref, unit in zip(refs, units, strict=True)}
+    waiting = list(refs)
+    while waiting:
+        ready, waiting = ray.wait(waiting, num_returns=1)
+        ray.get(ready)  # a failed unit fails here, with its error
+        done += sizes[ready[0]]
+        log.info("catalogue: %d/%d units, %d/%d bottoms | %.1f samples/s",
+                 len(refs) - len(waiting), len(refs), done, total,
+                 done / max(time.perf_counter() - t0, 1e-9))
+    parts = ray.get(refs)
+    nodes = sorted({p.pop("node") for p in parts})
+    for p in parts:
+        p["embeddings"] = torch.from_numpy(p["embeddings"])
+    cat = assemble(parts, image_size=size, model_info=info, sources=sources)
+    where = save_catalogue(cat, out)
+    log.info("catalogue %s: %d bottoms from %d units on %d node(s), version %s -> %s", source,
+             len(cat["ids"]), len(units), len(nodes), cat["version"], where)
+    return {**catalogue_summary(cat), "path": where, "units": len(units), "nodes": nodes}

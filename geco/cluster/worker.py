@@ -411,3 +411,27 @@ def baseline_task(name: str, config: dict[str, Any], split: str, root: str) -> d
         return {**out, "node": ray_node_id()}
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+# --- the catalogue task: one unit of an inventory ---------------------------------------------
+
+_EMBEDDERS: dict[str, Any] = {}  # per worker process: the model of the last checkpoint seen
+
+
+def catalogue_task(checkpoint: bytes, unit: Any, *, batch_size: int, on_bad: str,
+                   image_base: str) -> dict[str, Any]:
+    """Embed one unit (geco.catalogue.Unit) with the GECo checkpoint `checkpoint` (bytes, from
+    the object store); the model is built once per worker process and checkpoint."""
+    from geco import setup_logging
+    from geco.catalogue import embed_unit, load_embedder
+
+    setup_logging(0, force=True)
+    key = hashlib.sha256(checkpoint).hexdigest()
+    if key not in _EMBEDDERS:
+        _EMBEDDERS.clear()
+        _EMBEDDERS[key] = load_embedder(checkpoint)
+    model, size = _EMBEDDERS[key]
+    out = embed_unit(model, size, unit, batch_size=batch_size, on_bad=on_bad,
+                     image_base=image_base)
+    out["embeddings"] = out["embeddings"].numpy()  # plain arrays through the object store
+    return {**out, "node": ray_node_id()}
