@@ -116,6 +116,7 @@ stop:
 # Lint, then every test that needs no GPU (GPU tests skip themselves without CUDA).
 test: venv
 	$(VENV)/bin/ruff check geco ray_jobs tests bench scripts
+	bash scripts/install_chromium.sh
 	$(VENV)/bin/pytest $(XDIST) $(PYTEST_ARGS)
 
 # The quick loop while developing: lint and every test that starts no service and is not

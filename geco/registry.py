@@ -315,3 +315,55 @@ def describe(client_or_uri: Any, name: str) -> list[dict[str, Any]]:
         out.append({"version": int(mv.version), "aliases": sorted(mv.aliases or []),
                     "run_id": mv.run_id, "tags": dict(mv.tags or {})})
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The retrieval gallery of a registered version.
+
+GALLERY_PATH = "gallery/retrieval_gallery.html"
+GALLERY_TAG = "geco.gallery"
+
+
+def log_gallery(run_id: str, *, tracking_uri: str, geco_checkpoint: str | Path,
+                generator_checkpoint: str | Path, data: Any, split: str = "valid",
+                n: int = 24, metrics: dict[str, float] | None = None,
+                registered_model: str | None = None, version: int | None = None
+                ) -> dict[str, Any]:
+    """Build the retrieval gallery (geco.gallery) of the first `n` rows of `split` (distinct
+    tops), ranked over that split's candidate bottoms, and log it as run `run_id`'s artifact
+    gallery/retrieval_gallery.html; with a registered version, tag it `geco.gallery` with the
+    artifact's URI. Returns {"artifact", "uri", "rows"}."""
+    import torch
+
+    from geco.gallery import write_gallery
+    from geco.models.geco import load_retriever
+    from geco.serving import load_bundle
+
+    client = _client(tracking_uri)
+    splits, images = data.splits((split,))
+    s = splits[split]
+    rows: list[tuple[str, str]] = []
+    for top, bottom in zip(s.tops, s.bottoms, strict=True):
+        if top not in {t for t, _ in rows}:
+            rows.append((top, bottom))
+        if len(rows) == n:
+            break
+    with tempfile.TemporaryDirectory() as tmp:
+        retriever, ckpt = load_retriever(geco_checkpoint, torch.device("cpu"),
+                                         generator_path=generator_checkpoint)
+        size = int(ckpt["config"]["data"]["image_size"])
+        cat = build_catalogue(retriever, data, split, Path(tmp) / "catalogue.pt",
+                              image_size=size)
+        bundle = load_bundle(geco_checkpoint, generator_checkpoint, Path(tmp) / "catalogue.pt")
+        title = (f"{registered_model} version {version}" if registered_model and version
+                 else f"run {run_id}") + f": retrievals on the {split} split"
+        notes = {"run": run_id, "catalogue": f"{len(cat['ids'])} candidate bottoms of "
+                 f"{data.describe(split)}", "image size": f"{size} px",
+                 "popularity weight": f"{retriever.prior_weight:g}"}
+        page = write_gallery(bundle, rows, images, Path(tmp) / Path(GALLERY_PATH).name,
+                             title=title, metrics=dict(metrics or {}), notes=notes)
+        client.log_artifact(run_id, str(page), str(Path(GALLERY_PATH).parent))
+    uri = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{GALLERY_PATH}"
+    if registered_model and version:
+        client.set_model_version_tag(registered_model, str(version), GALLERY_TAG, uri)
+    return {"artifact": GALLERY_PATH, "uri": uri, "rows": len(rows)}

@@ -70,10 +70,10 @@ def template_image(bundle: Any, top_path: str | Path, seed: int):
     t = bundle.retriever.templates(x[None], query_noise(bundle.retriever, 1, seed))
     if t is None:
         return None
-    return _to_pil(denormalize_imagenet(t.float())[0].clamp(0, 1))
+    return to_pil(denormalize_imagenet(t.float())[0].clamp(0, 1))
 
 
-def _to_pil(t):
+def to_pil(t):
     from PIL import Image
 
     arr = (t.permute(1, 2, 0).cpu().numpy() * 255).round().astype("uint8")

@@ -353,7 +353,7 @@ def registered_version(cfg: Config, run_id: str | None) -> int | None:
 def _register(cfg: Config, ev: dict[str, Any], path: Path, generator: Path, data, split: str,
               work: Path, run_id: str) -> dict[str, Any]:
     """Log + register the retriever; slim checkpoints (no optimiser state) go into the model."""
-    from geco.registry import build_catalogue, log_retriever
+    from geco.registry import build_catalogue, log_gallery, log_retriever
     from geco.tracking import resolve_uri
     from geco.train.runtime import save_slim
 
@@ -364,11 +364,29 @@ def _register(cfg: Config, ev: dict[str, Any], path: Path, generator: Path, data
     ckpt = ev["ckpt"]
     record = next((h for h in ckpt["history"] if h["epoch"] == ckpt["epoch"] + 1), {})
     valid = {k: float(v) for k, v in record.items() if k.startswith("valid_")}
-    return log_retriever(
-        run_id, tracking_uri=resolve_uri(cfg.tracking),
-        geco_checkpoint=save_slim(path, work / "geco-retriever.pt"),
-        generator_checkpoint=save_slim(generator, work / "cigm-generator.pt"),
-        catalogue=catalogue, registered_model=cfg.tracking.registered_model, metrics=valid)
+    uri, geco_slim = resolve_uri(cfg.tracking), save_slim(path, work / "geco-retriever.pt")
+    generator_slim = save_slim(generator, work / "cigm-generator.pt")
+    splits, images = data.splits((split,))
+    first_top = splits[split].tops[0]
+    out = log_retriever(
+        run_id, tracking_uri=uri, geco_checkpoint=geco_slim,
+        generator_checkpoint=generator_slim, catalogue=catalogue,
+        registered_model=cfg.tracking.registered_model, metrics=valid,
+        example_image=_jpeg(images.load(first_top)))
+    # What people look at: the version's retrievals on the validation split.
+    out["gallery"] = log_gallery(
+        run_id, tracking_uri=uri, geco_checkpoint=geco_slim,
+        generator_checkpoint=generator_slim, data=data, split="valid", metrics=valid,
+        registered_model=cfg.tracking.registered_model, version=out["version"])["uri"]
+    return out
+
+
+def _jpeg(image) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
 
 
 # --- the compare task of one baseline ---------------------------------------------------------
