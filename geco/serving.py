@@ -233,15 +233,17 @@ def rank(bundle: Bundle, model_input: Any, *, k: int = DEFAULT_K, seed: int = DE
         x = torch.stack(tops[start:start + _BATCH])
         q = bundle.retriever.queries(x, query_noise(bundle.retriever, len(x), seed)).float()
         q = bundle.retriever.with_prior_queries(q)  # geco.popularity_weight
-        # A stable sort keeps ties in catalogue order, so rankings are reproducible.
-        scores, order = torch.sort(q @ bundle.embeddings.T, dim=1, descending=True, stable=True)
+        # top-k, not a full sort: 1.6 ms instead of 12 ms over 100,000 bottoms (bench/).
+        scores, order = torch.topk(q @ bundle.embeddings.T, k, dim=1)
         for i in range(len(x)):
-            top = order[i, :k].tolist()
+            # Ties in catalogue order, so rankings are reproducible.
+            ranked = sorted(zip(scores[i].tolist(), order[i].tolist(), strict=True),
+                            key=lambda sj: (-sj[0], sj[1]))
             cols["query"] += [start + i] * k
             cols["rank"] += range(1, k + 1)
-            cols["bottom_id"] += [bundle.ids[j] for j in top]
-            cols["score"] += scores[i, :k].tolist()
-            cols["image_uri"] += [bundle.image_uris[j] for j in top]
+            cols["bottom_id"] += [bundle.ids[j] for _, j in ranked]
+            cols["score"] += [s for s, _ in ranked]
+            cols["image_uri"] += [bundle.image_uris[j] for _, j in ranked]
     return pd.DataFrame(cols)
 
 

@@ -404,9 +404,10 @@ def print_registry_help(cfg: Config, model: dict[str, Any], gate: dict[str, Any]
         print(f"MLflow UI: {tr.uri}/#/models/{name}")
     else:
         print(f"MLflow store: {tr.uri} (UI: mlflow ui --backend-store-uri {tr.uri})")
-    print(f"champion: MLFLOW_TRACKING_URI={tr.uri} python -c \"import mlflow; "
-          f"m = mlflow.pyfunc.load_model('models:/{name}@champion'); "
-          f"print(m.predict({{'image': ['path/to/top.jpg']}}, params={{'k': 10}}))\"")
+    if model.get("gallery"):
+        print(f"retrieval gallery of version {model['version']}: {model['gallery']}")
+    print("serve the champion over REST: make serve (docs/serving.md); one top: "
+          f"MLFLOW_TRACKING_URI={tr.uri} geco retrieve path/to/top.jpg")
     print(f"versions and gate decisions: python ray_jobs/promote.py show "
           f"--tracking-uri {tr.uri}")
 
