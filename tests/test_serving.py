@@ -117,6 +117,7 @@ def check(answer: list[dict], want) -> None:
                                torch.tensor(want["score"].tolist()), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.integration  # a real scoring server
 def test_served_answers_jpeg_bytes_like_the_retriever(server, expected):
     url, request = server
     status, body = post(url, request.read_bytes())  # the curl that serve.sh printed
@@ -145,6 +146,7 @@ def big_jpeg() -> bytes:
     return buf.getvalue()
 
 
+@pytest.mark.integration  # a real scoring server
 def test_bad_requests_get_400_with_one_clear_message(server, expected):
     url, _ = server
     good = next(iter(expected)).read_bytes()
@@ -171,6 +173,7 @@ def test_bad_requests_get_400_with_one_clear_message(server, expected):
         assert post(url, frame(good))[0] == 200
 
 
+@pytest.mark.integration  # a real scoring server
 def test_concurrent_clients_get_their_own_answers(server, expected):
     url, _ = server
     tops = list(expected) * 4
