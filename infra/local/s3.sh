@@ -120,6 +120,9 @@ EOF
 
 # N distinct loopback ports P such that P and P+10000 are both free (weed mini derives some gRPC
 # addresses as http port + 10000 even when a .grpc flag is given, e.g. the admin worker).
+# weed binds some of them a while after start-up (the admin server last): they are drawn below
+# the kernel's ephemeral range where it leaves room, so that other processes' outgoing and
+# port-0 sockets (Ray's, MLflow's) do not take them in the meantime.
 free_ports() {
     "$PYTHON" - "$1" "$2" <<'EOF'
 import random
@@ -128,6 +131,13 @@ import sys
 
 n, avoid = int(sys.argv[1]), int(sys.argv[2])
 held, ports = [], []
+lo, hi = 20000, 55000
+try:
+    ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    if ephemeral - 10000 - lo >= 1000:  # Ray's worker ports are 10002-19999
+        hi = ephemeral - 10000
+except (OSError, ValueError, IndexError):
+    pass
 
 
 def grab(p):
@@ -143,7 +153,7 @@ def grab(p):
 for _ in range(10000):
     if len(ports) == n:
         break
-    p = random.randrange(20000, 55000)
+    p = random.randrange(lo, hi)
     if p in ports or avoid in (p, p + 10000, p - 10000):
         continue
     a = grab(p)
@@ -191,6 +201,19 @@ cmd_start() {
     fi
     ensure_credentials
     mkdir -p "$DATA"
+    local attempt
+    for attempt in 1 2 3; do
+        launch "$weed" "$port" && return 0
+        echo "SeaweedFS: an internal port was taken during start-up (attempt $attempt); restarting on other ports" >&2
+    done
+    die "SeaweedFS could not bind its internal ports in 3 attempts; see the log: $LOG"
+}
+
+# launch WEED PORT: start weed mini once; 1 when an internal port was taken by another process
+# meanwhile (weed keeps the S3 port but its admin server never comes up, and weed exits minutes
+# later), after stopping it; dies on any other failure.
+launch() {
+    local weed="$1" port="$2" pid
     local ports p_master p_volume p_filer p_admin g_s3
     ports="$(free_ports 5 "$port")" || die "could not find free loopback ports"
     read -r p_master p_volume p_filer p_admin g_s3 <<<"$ports"
@@ -226,6 +249,7 @@ cmd_start() {
     until probe "$port" 2>/dev/null; do
         if ! kill -0 "$pid" 2>/dev/null; then
             rm -f "$PIDFILE"
+            grep -q "Port allocation failed\|address already in use" "$LOG" && return 1
             die "SeaweedFS exited during start-up; see the log: $LOG"
         fi
         if [ $SECONDS -ge $deadline ]; then
@@ -234,6 +258,15 @@ cmd_start() {
         fi
         sleep 0.5
     done
+    # The admin server binds last: give it a moment, then look for a clash in the log.
+    local until=$((SECONDS + 3))
+    while [ $SECONDS -lt $until ] && ! grep -q "Admin .*ready\|address already in use" "$LOG"; do
+        sleep 0.2
+    done
+    if grep -q "address already in use" "$LOG"; then
+        cmd_stop >/dev/null 2>&1 || true
+        return 1
+    fi
     echo "SeaweedFS S3 running (pid $pid) at http://127.0.0.1:$port"
     echo "  data: $DATA   credentials: $CREDS   log: $LOG"
 }
