@@ -86,15 +86,10 @@ def open_uri(uri: str):
 
     if not uri:
         return None
-    try:
-        if uri.startswith("s3://"):
-            from geco.data.storage import Storage
+    from geco.catalogue import read_bytes
 
-            parent, _, name = uri.rpartition("/")
-            data = Storage(parent).get_bytes(name)
-        else:
-            data = Path(uri.removeprefix("file://")).read_bytes()
-        with Image.open(io.BytesIO(data)) as im:
+    try:
+        with Image.open(io.BytesIO(read_bytes(uri))) as im:
             return im.convert("RGB")
     except Exception:  # noqa: BLE001 - a missing picture is drawn as a grey cell
         return None

@@ -63,14 +63,10 @@ def load_catalogue(location: str | Path) -> dict[str, Any]:
     """A catalogue file (local path or s3:// URI): {ids, embeddings, image_size, ...}."""
     import torch
 
-    from geco.data.storage import Storage, is_s3
+    from geco.catalogue import read_bytes
 
     try:
-        if is_s3(str(location)):
-            parent, _, name = str(location).rpartition("/")
-            raw = Storage(parent).get_bytes(name)
-        else:
-            raw = Path(location).read_bytes()
+        raw = read_bytes(str(location))
         cat = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - re-raised with the file named
         raise GecoError(f"cannot read catalogue {location}: {exc}") from exc

@@ -108,6 +108,24 @@ def retriever_files(synth_small, tiny, tmp_path_factory) -> tuple[dict[str, Path
     return files, summary
 
 
+def register_retriever(store: Path, files: dict[str, Path], name: str, **kw):
+    """Version 1 of `name` from `files` (retriever_files) in a new SQLite store under `store`
+    (artifacts there too): (tracking URI, MlflowClient, run id, log_retriever's result)."""
+    import mlflow
+
+    from geco import registry
+
+    uri = f"sqlite:///{store}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("geco", artifact_location=(store / "artifacts").as_uri())
+    run_id = client.create_run(exp).info.run_id
+    out = registry.log_retriever(
+        run_id, tracking_uri=uri, geco_checkpoint=files["geco"],
+        generator_checkpoint=files["generator"], catalogue=files["catalogue"],
+        registered_model=name, **kw)
+    return uri, client, run_id, out
+
+
 # The modules that take minutes (measured with `pytest --durations=40`), longest first: under
 # pytest-xdist they start first, so the short modules fill the other worker around them instead
 # of one long module starting last and running alone.

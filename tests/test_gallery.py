@@ -12,6 +12,7 @@ import pytest
 
 from geco import registry
 from geco.data.source import open_data
+from tests.conftest import register_retriever
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -26,15 +27,8 @@ MODEL = "gallery-test"
 def gallery(retriever_files, synth_small, tiny, tmp_path_factory):
     """Version 1 of MODEL with its gallery logged; (page path, log_gallery result, store)."""
     files, _ = retriever_files
-    tmp = tmp_path_factory.mktemp("gallery_store")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    client = mlflow.MlflowClient(uri)
-    exp = client.create_experiment("geco", artifact_location=(tmp / "artifacts").as_uri())
-    run_id = client.create_run(exp).info.run_id
-    out = registry.log_retriever(
-        run_id, tracking_uri=uri, geco_checkpoint=files["geco"],
-        generator_checkpoint=files["generator"], catalogue=files["catalogue"],
-        registered_model=MODEL)
+    uri, client, run_id, out = register_retriever(tmp_path_factory.mktemp("gallery_store"),
+                                                  files, MODEL)
     result = registry.log_gallery(
         run_id, tracking_uri=uri, geco_checkpoint=files["geco"],
         generator_checkpoint=files["generator"], data=open_data(tiny(synth_small).data),

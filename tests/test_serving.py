@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from geco import registry, serving
+from geco import serving
 from geco.errors import GecoError
+from tests.conftest import register_retriever
 
 mlflow = pytest.importorskip("mlflow")
 
@@ -41,15 +42,9 @@ def split_tops(root: Path, n: int) -> list[Path]:
 def champion(retriever_files, synth_small, tmp_path_factory):
     """(tracking URI, files): version 1 of MODEL in a SQLite store, alias champion."""
     files, _ = retriever_files
-    tmp = tmp_path_factory.mktemp("serving_store")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    client = mlflow.MlflowClient(uri)
-    exp = client.create_experiment("geco", artifact_location=(tmp / "artifacts").as_uri())
-    run_id = client.create_run(exp).info.run_id
-    out = registry.log_retriever(
-        run_id, tracking_uri=uri, geco_checkpoint=files["geco"],
-        generator_checkpoint=files["generator"], catalogue=files["catalogue"],
-        registered_model=MODEL, example_image=split_tops(synth_small, 1)[0].read_bytes())
+    uri, client, _, out = register_retriever(
+        tmp_path_factory.mktemp("serving_store"), files, MODEL,
+        example_image=split_tops(synth_small, 1)[0].read_bytes())
     client.set_registered_model_alias(MODEL, "champion", str(out["version"]))
     return uri, files
 
