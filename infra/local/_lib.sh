@@ -32,3 +32,29 @@ pid_of() {
     grep -q "$2" "/proc/$pid/cmdline" 2>/dev/null || return 1
     echo "$pid"
 }
+
+# http_ok PORT PATH: success when http://127.0.0.1:PORT/PATH answers 200 within 2 s.
+http_ok() {
+    "$PYTHON" - "$1" "$2" <<'PY'
+import sys, urllib.request
+try:
+    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/{sys.argv[2]}", timeout=2) as r:
+        sys.exit(0 if r.status == 200 else 1)
+except Exception:  # noqa: BLE001 - any failure means "not ready yet"
+    sys.exit(1)
+PY
+}
+
+# stop_group PID TIMEOUT: TERM the process group PID leads (each service starts with setsid, so
+# its children go too), KILL it after TIMEOUT seconds; returns once PID is gone.
+stop_group() {
+    local pid="$1" deadline=$((SECONDS + $2))
+    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+    while kill -0 "$pid" 2>/dev/null; do
+        if [ $SECONDS -ge $deadline ]; then
+            kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+            break
+        fi
+        sleep 0.2
+    done
+}

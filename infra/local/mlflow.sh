@@ -54,16 +54,7 @@ mlflow_port() {
 
 running_pid() { pid_of "$PIDFILE" mlflow; }
 
-healthy() {
-    "$PYTHON" - "$1" <<'EOF'
-import sys, urllib.request
-try:
-    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/health", timeout=2) as r:
-        sys.exit(0 if r.status == 200 else 1)
-except Exception:  # noqa: BLE001 - any failure means "not ready yet"
-    sys.exit(1)
-EOF
-}
+healthy() { http_ok "$1" health; }
 
 cmd_start() {
     local pid port
@@ -147,15 +138,7 @@ cmd_stop() {
         return 0
     fi
     # `mlflow server` forwards TERM to uvicorn; signalling the group covers a wedged parent too.
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + STOP_TIMEOUT))
-    while kill -0 "$pid" 2>/dev/null; do
-        if [ $SECONDS -ge $deadline ]; then
-            kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-            break
-        fi
-        sleep 0.2
-    done
+    stop_group "$pid" "$STOP_TIMEOUT"
     rm -f "$PIDFILE"
     echo "MLflow stopped (pid $pid)"
 }

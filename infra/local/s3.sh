@@ -278,15 +278,7 @@ cmd_stop() {
         echo "SeaweedFS S3 not running (dir $S3DIR)"
         return 0
     fi
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + STOP_TIMEOUT))
-    while kill -0 "$pid" 2>/dev/null; do
-        if [ $SECONDS -ge $deadline ]; then
-            kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-            break
-        fi
-        sleep 0.2
-    done
+    stop_group "$pid" "$STOP_TIMEOUT"
     rm -f "$PIDFILE"
     # A killed weed leaves its gRPC unix sockets in /tmp: remove ours (named by gRPC port).
     if [ -f "$PORTS" ]; then

@@ -54,16 +54,7 @@ serve_port() {
 
 running_pid() { pid_of "$PIDFILE" mlflow; }
 
-pinged() {
-    "$PYTHON" - "$1" <<'EOF'
-import sys, urllib.request
-try:
-    with urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/ping", timeout=2) as r:
-        sys.exit(0 if r.status == 200 else 1)
-except Exception:  # noqa: BLE001 - any failure means "not ready yet"
-    sys.exit(1)
-EOF
-}
+pinged() { http_ok "$1" ping; }
 
 # The request body for one top, and the curl that sends it.
 cmd_request() {
@@ -139,15 +130,7 @@ cmd_stop() {
         echo "geco retriever not served (dir $SDIR)"
         return 0
     fi
-    kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-    local deadline=$((SECONDS + STOP_TIMEOUT))
-    while kill -0 "$pid" 2>/dev/null; do
-        if [ $SECONDS -ge $deadline ]; then
-            kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
-            break
-        fi
-        sleep 0.2
-    done
+    stop_group "$pid" "$STOP_TIMEOUT"
     rm -f "$PIDFILE"
     echo "geco retriever stopped (pid $pid)"
 }
