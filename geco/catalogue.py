@@ -336,8 +336,7 @@ def load_embedder(checkpoint: str | Path | bytes):
     bytes): bottoms need neither the generator nor the catalogue."""
     import torch
 
-    from geco.config import config_from_dict
-    from geco.models.geco import build_model
+    from geco.models.geco import model_from_checkpoint
     from geco.train.runtime import load_checkpoint
 
     source = io.BytesIO(checkpoint) if isinstance(checkpoint, bytes) else checkpoint
@@ -346,11 +345,7 @@ def load_embedder(checkpoint: str | Path | bytes):
     if ckpt.get("stage") != "geco":
         raise GecoError(f"{checkpoint if not isinstance(checkpoint, bytes) else 'checkpoint'} "
                         f"is not a GECo checkpoint (stage={ckpt.get('stage')!r})")
-    cfg = config_from_dict(ckpt["config"])
-    cfg.geco.backbone.weights, cfg.geco.backbone.allow_random_init = "random", True
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["state"]["model"])
-    return model.eval(), int(ckpt["config"]["data"]["image_size"])
+    return model_from_checkpoint(ckpt), int(ckpt["config"]["data"]["image_size"])
 
 
 def build(model: str, source: str, out: str, *, tracking_uri: str = "", split: str = "test",

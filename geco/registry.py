@@ -337,24 +337,24 @@ def log_gallery(run_id: str, *, tracking_uri: str, geco_checkpoint: str | Path,
 
     from geco.gallery import write_gallery
     from geco.models.geco import load_retriever
-    from geco.serving import load_bundle
+    from geco.serving import make_bundle
 
     client = _client(tracking_uri)
     splits, images = data.splits((split,))
     s = splits[split]
-    rows: list[tuple[str, str]] = []
+    first: dict[str, str] = {}  # top -> its first row's bottom
     for top, bottom in zip(s.tops, s.bottoms, strict=True):
-        if top not in {t for t, _ in rows}:
-            rows.append((top, bottom))
-        if len(rows) == n:
+        first.setdefault(top, bottom)
+        if len(first) == n:
             break
+    rows = list(first.items())
     with tempfile.TemporaryDirectory() as tmp:
         retriever, ckpt = load_retriever(geco_checkpoint, torch.device("cpu"),
                                          generator_path=generator_checkpoint)
         size = int(ckpt["config"]["data"]["image_size"])
         cat = build_catalogue(retriever, data, split, Path(tmp) / "catalogue.pt",
                               image_size=size)
-        bundle = load_bundle(geco_checkpoint, generator_checkpoint, Path(tmp) / "catalogue.pt")
+        bundle = make_bundle(retriever, size, cat, data.describe(split), str(geco_checkpoint))
         title = (f"{registered_model} version {version}" if registered_model and version
                  else f"run {run_id}") + f": retrievals on the {split} split"
         notes = {"run": run_id, "catalogue": f"{len(cat['ids'])} candidate bottoms of "

@@ -89,8 +89,14 @@ def load_bundle(geco_checkpoint: str | Path, generator_checkpoint: str | Path,
 
     retriever, ckpt = load_retriever(geco_checkpoint, torch.device("cpu"),
                                      generator_path=generator_checkpoint)
-    size = int(ckpt["config"]["data"]["image_size"])
-    cat = load_catalogue(catalogue)
+    return make_bundle(retriever, int(ckpt["config"]["data"]["image_size"]),
+                       load_catalogue(catalogue), str(catalogue), str(geco_checkpoint))
+
+
+def make_bundle(retriever: Any, size: int, cat: dict[str, Any], catalogue: str,
+                geco_checkpoint: str) -> Bundle:
+    """A Bundle from a loaded retriever and catalogue, once the catalogue is checked against
+    the model (image size, embedding width, weights fingerprint)."""
     emb = cat["embeddings"].float()
     if int(cat["image_size"]) != size:
         raise GecoError(f"catalogue {catalogue} was embedded at {cat['image_size']} px, "
@@ -109,8 +115,7 @@ def load_bundle(geco_checkpoint: str | Path, generator_checkpoint: str | Path,
                             "model (geco catalogue build --model ...)")
     ids = [str(i) for i in cat["ids"]]
     uris = [str(u) for u in cat.get("image_uris") or [""] * len(ids)]
-    return Bundle(retriever, size, ids, retriever.with_prior_bottoms(ids, emb), uris,
-                  str(catalogue))
+    return Bundle(retriever, size, ids, retriever.with_prior_bottoms(ids, emb), uris, catalogue)
 
 
 def _image_values(model_input: Any) -> list[Any]:

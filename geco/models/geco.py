@@ -460,6 +460,18 @@ class GECoStage:
         self.sched.load_state_dict(state["scheduler"])
 
 
+def model_from_checkpoint(ckpt: dict) -> GECo:
+    """The GECo network of a loaded GECo checkpoint, in eval mode on the CPU."""
+    from geco.config import config_from_dict
+
+    cfg = config_from_dict(ckpt["config"])
+    # The weights come from the checkpoint: the backbone's initial weights are irrelevant.
+    cfg.geco.backbone.weights, cfg.geco.backbone.allow_random_init = "random", True
+    model = build_model(cfg)
+    model.load_state_dict(ckpt["state"]["model"])
+    return model.eval()
+
+
 def load_retriever(checkpoint: str | Path, device: torch.device,
                    generator_path: str | Path | None = None) -> tuple[Retriever, dict]:
     """Rebuild the retriever from a GECo checkpoint (its config names the CIGM it used, unless
@@ -470,11 +482,7 @@ def load_retriever(checkpoint: str | Path, device: torch.device,
     if ckpt.get("stage") != "geco":
         raise GecoError(f"{checkpoint} is not a GECo checkpoint (stage={ckpt.get('stage')!r})")
     cfg = config_from_dict(ckpt["config"])
-    # The weights come from the checkpoint: the backbone's initial weights are irrelevant.
-    cfg.geco.backbone.weights, cfg.geco.backbone.allow_random_init = "random", True
-    model = build_model(cfg)
-    model.load_state_dict(ckpt["state"]["model"])
-    model.eval().to(device)
+    model = model_from_checkpoint(ckpt).to(device)
     generator, _ = load_generator(generator_path or cfg.geco.cigm_checkpoint, device)
     prior = ckpt["state"].get("prior") or {}
     # The weight this checkpoint was selected with (chosen on validation with
