@@ -145,12 +145,15 @@ class GECo(nn.Module):
             return self.query_proj(self.features(tops))
         # Separate backbone calls: in train mode each set gets its own BN batch statistics,
         # as in the reference.
+        # Tops first: in training each call moves BN's running statistics, so the order is part
+        # of the reference behaviour.
+        top_features = self.features(tops)
         if self.template_norm != "reference" and self.training:
             with batchnorm_for_templates(self.backbone, self.template_norm):
                 template_features = self.features(templates)
         else:
             template_features = self.features(templates)
-        return self.query_proj(torch.cat([self.features(tops), template_features], dim=1))
+        return self.query_proj(torch.cat([top_features, template_features], dim=1))
 
     def embed_bottoms(self, bottoms: Tensor) -> Tensor:
         return self.bottom_proj(self.features(bottoms))
