@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import shutil
 import tarfile
 from collections import Counter
@@ -183,7 +185,8 @@ def _copy(root: Path, dest: Path) -> Path:
 
 
 def _corrupt_sample(shard: Path, key_index: int) -> str:
-    """Rewrite a shard with one sample's top.jpg replaced by garbage; returns that key."""
+    """Rewrite a shard with one sample's top.jpg replaced by garbage, as if it had been written
+    so (the manifest records the new bytes: its checksum passes); returns that key."""
     with tarfile.open(shard) as tar:
         members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
     key = members[3 * key_index][0].name.split(".")[0]
@@ -193,6 +196,14 @@ def _corrupt_sample(shard: Path, key_index: int) -> str:
                 blob = b"\xff\xd8\xff\xdb" + b"garbage" * 40
                 m.size = len(blob)
             tar.addfile(m, io.BytesIO(blob))
+    manifest_path = shard.parent / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    for split in manifest["splits"].values():
+        for entry in split["shards"]:
+            if entry["name"] == shard.name:
+                entry["bytes"] = shard.stat().st_size
+                entry["sha256"] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
     return key
 
 

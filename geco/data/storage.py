@@ -399,6 +399,77 @@ class Storage:
         except (ClientError, BotoCoreError) as e:
             raise self._err(e, name) from e
 
+    def put_new(self, data: bytes, name: str) -> bool:
+        """Create an object only if it is absent: True if created, False if it existed.
+
+        Local: O_CREAT|O_EXCL, atomic. S3: a conditional put (If-None-Match: *), atomic on
+        servers that honour it (AWS, SeaweedFS); one that refuses the header gets an exists
+        check, then a plain put — not atomic, so callers that lock read the object back.
+        """
+        if not self.is_s3:
+            path = self._path(name)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            except OSError as e:
+                raise StorageError(f"cannot create {path}: {e.strerror}") from e
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+            except OSError as e:  # a disk full: no half-written object left to block others
+                path.unlink(missing_ok=True)
+                raise StorageError(f"cannot write {path}: {e.strerror}") from e
+            return True
+        from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(name), Body=data,
+                                   IfNoneMatch="*")
+            return True
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            if code in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                return False
+            if code not in ("NotImplemented", "501"):
+                raise self._err(e, name) from e
+        except ParamValidationError:  # a botocore too old to know IfNoneMatch
+            pass
+        except BotoCoreError as e:
+            raise self._err(e, name) from e
+        if self.exists(name):
+            return False
+        self.put_bytes(data, name)
+        return True
+
+    def delete(self, name: str) -> None:
+        """Remove an object; an absent one is not an error."""
+        if not self.is_s3:
+            self._path(name).unlink(missing_ok=True)
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self._key(name))
+        except (ClientError, BotoCoreError) as e:
+            raise self._err(e, name) from e
+
+    def check_bucket(self) -> None:
+        """S3: the bucket exists and these credentials may use it (a cheap HEAD), else a
+        StorageError naming the bucket, the endpoint and the reason; local: nothing to check."""
+        if not self.is_s3:
+            return
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except (ClientError, BotoCoreError) as e:
+            reason = str(_translate(e, f"s3://{self.bucket}", self.client))
+            endpoint = _endpoint(self.client)
+            raise StorageError(reason if endpoint in reason else f"{reason} (endpoint {endpoint})"
+                               ) from e
+
     def get_bytes(self, name: str) -> bytes:
         with self.open_stream(name) as f:
             return f.read()

@@ -23,6 +23,15 @@ Bad input: an undecodable JPEG, an incomplete sample, a truncated or short shard
 DataError naming the shard URL and the sample key, or in "skip" mode are left out and
 counted in the batch's "skipped" (the batch count never changes); a missing shard gives a
 DataError naming the URL (in "skip" mode its samples are counted as skipped).
+
+Checksums: a shard read up to its last sample is read from its first byte to its last (a
+slot that starts inside a shard reads and discards the prefix), so its bytes are hashed as
+the tar reader consumes them and compared with the manifest's size and sha256 at the end —
+no second pass. The plan deals every sample once, so in every full epoch exactly one slot
+reads each shard to its end: every shard is checked once per epoch. (A slot that stops
+before a shard's end would have to read on to check it; the slot holding the end does.)
+A mismatch is a DataError naming the shard and the manifest; in "skip" mode a warning: the
+shard's samples were already handed on, each checked as it decodes.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from geco.data.images import ON_BAD, check_choice
 from geco.data.jpeg import JPEG_MAGIC, JpegBatch
+from geco.data.shards import MANIFEST, DigestReader, digest_problem, shard_checksum
 from geco.errors import ConfigError, DataError
 
 log = logging.getLogger("geco")
@@ -77,13 +87,13 @@ def ensure_s3(urls: Sequence[str]) -> None:
 def load_manifest(root: str) -> dict[str, Any]:
     """manifest.json of a shard folder: a local path or s3://bucket/prefix."""
     root = str(root)
-    url = _join(root, "manifest.json")
+    url = _join(root, MANIFEST)
     if root.startswith("s3://"):
         try:
             from geco.data.storage import Storage
         except ImportError:
             raise ConfigError("s3:// shard roots need geco.data.storage (not installed)") from None
-        raw = Storage(root).get_bytes("manifest.json")
+        raw = Storage(root).get_bytes(MANIFEST)
     else:
         try:
             raw = Path(url).read_bytes()
@@ -110,6 +120,11 @@ def shard_urls(root: str, split: str, manifest: dict[str, Any]) -> list[str]:
 
 def shard_counts(split: str, manifest: dict[str, Any]) -> list[int]:
     return [int(s["n_samples"]) for s in manifest["splits"][split]["shards"]]
+
+
+def shard_checksums(split: str, manifest: dict[str, Any]) -> list[tuple[int, str] | None]:
+    """(bytes, sha256) of a split's shards, as the manifest records them (None: not recorded)."""
+    return [shard_checksum(s) for s in manifest["splits"][split]["shards"]]
 
 
 # --- the epoch plan (pure arithmetic, tested directly) -----------------------------------------
@@ -200,6 +215,10 @@ def decode_jpeg(data: bytes, draft_size: int | None = None) -> Image.Image:
 
 _END = object()
 
+_NEED = {"train": ("top.jpg", "bottom.jpg", "meta.json"),  # the members a sample must have
+         "eval": ("top.jpg", "bottom.jpg", "neg.json", "meta.json"),
+         "catalogue": ("bottom.jpg", "meta.json")}
+
 
 class _Bad:
     """A sample that could not be read (skip mode): occupies its place in the batch plan."""
@@ -213,21 +232,27 @@ class _Bad:
 class ShardStream(IterableDataset):
     """Batches from shards, split over ranks and workers; see the module docstring.
 
-    urls / n_samples: the shard URLs and their sample counts (`shard_urls`, `shard_counts`
-    from the manifest; `ShardStream.from_manifest` does both). transform: PIL image -> tensor
-    (e.g. geco.data.transforms.imagenet_transform(size)). Use DataLoader(batch_size=None).
+    urls / n_samples / checksums: the shard URLs, their sample counts and (bytes, sha256)
+    (`shard_urls`, `shard_counts`, `shard_checksums` from the manifest at manifest_url;
+    `ShardStream.from_manifest` does all). Without checksums nothing is verified.
+    transform: PIL image -> tensor (e.g. geco.data.transforms.imagenet_transform(size)).
+    Use DataLoader(batch_size=None).
     """
 
     def __init__(self, urls: Sequence[str], *, kind: str, transform: Callable[[Image.Image], Tensor],
                  rank: int = 0, world_size: int = 1, seed: int = 0, batch_size: int,
                  n_samples: Sequence[int], on_bad: str = "error", shuffle: bool | None = None,
                  shuffle_buffer: int = 1000, draft: bool = True, fast: bool = True,
-                 decode: str = "cpu"):
+                 decode: str = "cpu", checksums: Sequence[tuple[int, str] | None] | None = None,
+                 manifest_url: str = MANIFEST):
         if kind not in KINDS:
             raise ConfigError(f"kind must be one of {KINDS}, got {kind!r}")
         check_choice("on_bad", on_bad, ON_BAD)
         if len(urls) != len(n_samples):
             raise ValueError(f"{len(urls)} urls but {len(n_samples)} sample counts")
+        checksums = list(checksums) if checksums is not None else [None] * len(urls)
+        if len(checksums) != len(urls):
+            raise ValueError(f"{len(urls)} urls but {len(checksums)} checksums")
         if not urls:
             raise DataError("no shards to read")
         if not 0 <= rank < world_size:
@@ -235,6 +260,7 @@ class ShardStream(IterableDataset):
         if batch_size < (2 if kind == "train" else 1):
             raise ConfigError(f"batch_size={batch_size} too small for {kind} batches")
         self.urls, self.counts = [str(u) for u in urls], [int(c) for c in n_samples]
+        self.checksums, self.manifest_url = checksums, str(manifest_url)
         self.kind, self.transform, self.on_bad = kind, transform, on_bad
         self.rank, self.world_size, self.seed, self.batch_size = rank, world_size, seed, batch_size
         self.shuffle = (kind == "train") if shuffle is None else shuffle
@@ -256,7 +282,9 @@ class ShardStream(IterableDataset):
         manifest = manifest if manifest is not None else load_manifest(root)
         kind = manifest["splits"].get(split, {}).get("kind")
         kw.setdefault("kind", kind)
-        return cls(shard_urls(root, split, manifest), n_samples=shard_counts(split, manifest), **kw)
+        return cls(shard_urls(root, split, manifest), n_samples=shard_counts(split, manifest),
+                   checksums=shard_checksums(split, manifest),
+                   manifest_url=_join(root, MANIFEST), **kw)
 
     def set_epoch(self, epoch: int) -> None:
         self._epoch.fill_(int(epoch))
@@ -301,9 +329,12 @@ class ShardStream(IterableDataset):
     # reading raw samples
     def _read(self, segments: list[tuple[int, int, int]]) -> Iterator[Any]:
         for shard, first, end in segments:
-            yield from self._read_shard(self.urls[shard], first, end)
+            # Only a segment reaching the shard's end reads all its bytes (see the docstring).
+            expect = self.checksums[shard] if end == self.counts[shard] else None
+            yield from self._read_shard(self.urls[shard], first, end, expect)
 
-    def _read_shard(self, url: str, first: int, end: int) -> Iterator[Any]:
+    def _read_shard(self, url: str, first: int, end: int, expect: tuple[int, str] | None
+                    ) -> Iterator[Any]:
         from webdataset.gopen import gopen
         from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -316,9 +347,10 @@ class ShardStream(IterableDataset):
             log.warning("skipping %d samples: %s", end - first, err)
             yield from (_Bad(str(err)) for _ in range(end - first))
             return
-        pos, key = 0, None
+        pos, key, problem = 0, None, None
+        reader = DigestReader(stream) if expect else stream
         try:
-            samples = group_by_keys(tar_file_expander([{"url": url, "stream": stream}]))
+            samples = group_by_keys(tar_file_expander([{"url": url, "stream": reader}]))
             for sample in samples:
                 if pos >= end:
                     break
@@ -330,6 +362,9 @@ class ShardStream(IterableDataset):
                 if pos < end:
                     raise DataError(f"shard {url} ended after {pos} samples (after key {key!r}); "
                                     f"the manifest says at least {end}: truncated shard?")
+            if expect:
+                reader.drain()
+                problem = digest_problem(expect, reader)
         except DataError as exc:
             err = exc
         except Exception as exc:  # noqa: BLE001 - tarfile.ReadError, EOFError, OSError, ...
@@ -337,6 +372,8 @@ class ShardStream(IterableDataset):
                             f"(truncated or corrupt tar?): {type(exc).__name__}: "
                             f"{exc.args[0] if exc.args else exc}")
         else:
+            if problem:
+                self._mismatch(url, problem)
             return
         finally:
             close = getattr(stream, "close", None)
@@ -348,10 +385,20 @@ class ShardStream(IterableDataset):
         log.warning("skipping %d samples: %s", lost, err)
         yield from (_Bad(str(err)) for _ in range(lost))
 
+    def _mismatch(self, url: str, problem: str) -> None:
+        """A shard that read cleanly but differs from the manifest: DataError, or a warning in
+        skip mode (its samples were handed on already, each checked as it decoded)."""
+        root = self.manifest_url.rpartition("/")[0] or "."
+        msg = (f"shard {url} does not match {self.manifest_url}: {problem} — its bytes changed "
+               f"after `geco data shard` wrote it: re-run `geco data shard` (`geco data verify "
+               f"{root}` lists every bad shard)")
+        if self.on_bad != "error":
+            log.warning("%s; on_bad=skip: its samples are used as read", msg)
+            return
+        raise DataError(msg)
+
     def _check(self, sample: dict[str, Any], url: str) -> Any:
-        need = {"train": ("top.jpg", "bottom.jpg", "meta.json"),
-                "eval": ("top.jpg", "bottom.jpg", "neg.json", "meta.json"),
-                "catalogue": ("bottom.jpg", "meta.json")}[self.kind]
+        need = _NEED[self.kind]
         missing = [k for k in need if k not in sample]
         if missing:
             err = DataError(f"shard {url}: sample {sample.get('__key__')!r} lacks "
