@@ -9,20 +9,24 @@ MLflow (and torch) are imported inside functions only, so `import geco.registry`
 (the promotion CLI needs neither torch nor a model) and works without MLflow.
 
 Registry layout: aliases "candidate" (last registered) and "champion" (served); the gate
-writes its decision as `gate.*` tags on the candidate version, and a new champion records the
-one it replaced in `geco.previous_champion`, which is what `rollback` follows.
+writes its latest decision as `gate.*` tags on the candidate version, and a new champion
+records the one it replaced in `geco.previous_champion`, which is what `rollback` follows.
+Every decision and alias move (register, promote, rollback) is also appended to an audit
+trail that nothing rewrites: one JSON `gate.history.<UTC time>` tag per event on the
+registered model and on the versions concerned.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import math
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from geco.errors import GecoError
+from geco.errors import ConfigError, GecoError
 
 ARTIFACT_PATH = "retriever"
 CANDIDATE, CHAMPION = "candidate", "champion"
@@ -194,6 +198,11 @@ def log_retriever(run_id: str, *, tracking_uri: str, geco_checkpoint: str | Path
         source = f"{client.get_run(run_id).info.artifact_uri.rstrip('/')}/{ARTIFACT_PATH}"
         tags = {key: str(float(v)) for key, v in (metrics or {}).items()}
         mv = client.create_model_version(registered_model, source, run_id=run_id, tags=tags)
+        previous = _alias(client, registered_model, CANDIDATE)
+        _append(client, registered_model, [int(mv.version)], action="register",
+                decision="registered", alias=CANDIDATE, version=int(mv.version),
+                from_version=None if previous is None else int(previous.version),
+                to_version=int(mv.version))
         client.set_registered_model_alias(registered_model, CANDIDATE, str(mv.version))
         out["version"] = int(mv.version)
         out["model_uri"] = f"models:/{registered_model}/{mv.version}"
@@ -241,35 +250,65 @@ def _metric(client: Any, mv: Any, metric: str) -> float | None:
     return None
 
 
+def check_margin(margin: float, *, force: bool = False, name: str = "margin") -> bool:
+    """Whether the gate runs with a forced margin: a NaN, infinite or negative `margin` raises
+    a ConfigError naming `name` unless `force`, and is then forced (True). Such a margin is
+    never a good default: a negative one promotes a worse model, NaN refuses every version."""
+    margin = float(margin)
+    if math.isfinite(margin) and margin >= 0:
+        return False
+    if not force:
+        raise ConfigError(f"{name}={margin:g}: the gate needs a finite margin >= 0 (a negative "
+                          "one promotes a worse model, NaN refuses every one); --force gates "
+                          "with it anyway and records that")
+    return True
+
+
+def _reason(metric: str, v: int, cand: float, c: int | None, champ_value: float | None,
+            margin: float, accepted: bool, forced: bool) -> str:
+    if c is None:
+        return f"no champion yet: version {v} becomes the champion"
+    if not forced:
+        verb = "beats" if accepted else "does not beat"
+        return (f"{metric} {cand:.6g} of version {v} {verb} champion version {c}'s "
+                f"{champ_value:.6g} + margin {margin:g}")
+    # A forced margin may accept a worse model: say how the two compare, not how the sum does.
+    verb = "beats" if cand > champ_value else "does not beat"
+    return (f"{metric} {cand:.6g} of version {v} {verb} champion version {c}'s "
+            f"{champ_value:.6g}; {'accepted' if accepted else 'refused'} under the forced "
+            f"margin {margin:g}")
+
+
 def promote(client_or_uri: Any, name: str, version: int | str, *, metric: str,
-            margin: float) -> dict[str, Any]:
+            margin: float, force: bool = False) -> dict[str, Any]:
     """The gate: make `version` the champion iff there is none or its `metric` beats the
-    champion's by more than `margin`. The decision is always recorded as gate.* tags."""
+    champion's by more than `margin` (finite, >= 0 unless `force`; see check_margin).
+
+    Every decision is appended to the trail (a gate.history.* record on the version, on the
+    champion it replaces and on the registered model) and summarised as the version's gate.*
+    tags. Promoting the current champion decides nothing: no tag is written."""
+    forced = check_margin(margin, force=force)
     client = _client(client_or_uri)
     mv = _version(client, name, version)
     # MLflow hands versions back as int or str depending on the call: compare ints only.
     v = int(mv.version)
+    champ = _alias(client, name, CHAMPION)
+    c = None if champ is None else int(champ.version)
+    if c == v:
+        return {"name": name, "version": v, "champion": v, "gate.decision": "unchanged",
+                "gate.reason": f"already champion: version {v} is the champion; nothing "
+                               "decided, no tag written"}
     cand = _metric(client, mv, metric)
     if cand is None or math.isnan(cand):
         raise GecoError(f"{name} version {v} has no {metric!r} (neither a version tag nor a "
                         f"metric of run {mv.run_id}, or it is NaN)")
-    champ = _alias(client, name, CHAMPION)
-    c = None if champ is None else int(champ.version)
     champ_value = None
-    if champ is not None and c != v:
+    if champ is not None:
         champ_value = _metric(client, champ, metric)
         if champ_value is None or math.isnan(champ_value):
             raise GecoError(f"champion {name} version {c} has no {metric!r} to compare with; "
                             "choose a metric both versions have")
-    if c is None:
-        accepted, reason = True, f"no champion yet: version {v} becomes the champion"
-    elif c == v:
-        accepted, reason = False, f"version {v} is already the champion"
-    else:
-        accepted = cand > champ_value + margin
-        verb = "beats" if accepted else "does not beat"
-        reason = (f"{metric} {cand:.6g} of version {v} {verb} champion version {c}'s "
-                  f"{champ_value:.6g} + margin {margin:g}")
+    accepted = c is None or cand > champ_value + margin
     decision = {
         "gate.decision": "accepted" if accepted else "refused",
         "gate.metric": metric,
@@ -277,10 +316,19 @@ def promote(client_or_uri: Any, name: str, version: int | str, *, metric: str,
         "gate.champion": "none" if champ_value is None else f"{champ_value:.10g}",
         "gate.champion_version": "none" if c is None else str(c),
         "gate.margin": f"{margin:g}",
-        "gate.reason": reason,
+        "gate.forced": "true" if forced else "false",
+        "gate.reason": _reason(metric, v, cand, c, champ_value, margin, accepted, forced),
     }
+    # Recorded before the alias moves: a move is never left without its record.
+    _append(client, name, [v] if c is None or not accepted else [v, c], action="promote",
+            decision=decision["gate.decision"], alias=CHAMPION, version=v, from_version=c,
+            to_version=v if accepted else c, metric=metric, value=cand,
+            champion_value=champ_value, margin=margin, forced=forced,
+            reason=decision["gate.reason"])
+    # The summary tags others read (geco.cluster.driver, the UI): only the changed ones.
     for key, value in decision.items():
-        client.set_model_version_tag(name, str(v), key, value)
+        if (mv.tags or {}).get(key) != value:
+            client.set_model_version_tag(name, str(v), key, value)
     if accepted:
         client.set_registered_model_alias(name, CHAMPION, str(v))
         if c is not None:
@@ -289,7 +337,8 @@ def promote(client_or_uri: Any, name: str, version: int | str, *, metric: str,
 
 
 def rollback(client_or_uri: Any, name: str) -> dict[str, Any]:
-    """Point "champion" back at the version the current champion replaced."""
+    """Point "champion" back at the version the current champion replaced (recorded in the
+    trail of both versions and of the registered model)."""
     client = _client(client_or_uri)
     champ = _alias(client, name, CHAMPION)
     if champ is None:
@@ -300,21 +349,101 @@ def rollback(client_or_uri: Any, name: str) -> dict[str, Any]:
         raise GecoError(f"{name} champion version {c} replaced no earlier champion: nothing to "
                         "roll back to")
     back = int(_version(client, name, previous).version)
+    _append(client, name, [c, back], action="rollback", decision="rolled back",
+            alias=CHAMPION, version=back, from_version=c, to_version=back)
     client.set_registered_model_alias(name, CHAMPION, str(back))
     client.set_model_version_tag(name, str(c), "gate.rolled_back_to", str(back))
     client.set_model_version_tag(name, str(back), "gate.rolled_back_from", str(c))
     return {"name": name, "champion": back, "rolled_back_from": c}
 
 
+# The trail: one JSON record per gate decision or alias move, each under a key of its own
+# (gate.history.<UTC time>) on the registered model and on the versions concerned, so that
+# a later record never rewrites an earlier one and the keys sort oldest first.
+HISTORY_TAG = "gate.history."
+
+
+def _json_number(x: Any) -> Any:
+    # JSON has no NaN or infinity (a forced margin may be either): keep those as strings.
+    return str(x) if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def _who() -> tuple[str, str]:
+    import getpass
+    import socket
+
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # a container user without a passwd entry
+        user = "unknown"
+    return user, socket.gethostname()
+
+
+def _append(client: Any, name: str, versions: list[int], **fields: Any) -> dict[str, Any]:
+    """Append one record to the trail of `name` and of each of `versions`."""
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    user, host = _who()
+    record = {"time": now.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+              **{k: _json_number(v) for k, v in fields.items()}, "user": user, "host": host}
+    base = HISTORY_TAG + now.strftime("%Y%m%dT%H%M%S.%fZ")
+    taken = set(client.get_registered_model(name).tags or {})
+    key, n = base, 1
+    while key in taken:  # two records in one microsecond: never overwrite the first
+        n += 1
+        key = f"{base}-{n}"
+    value = json.dumps(record)
+    client.set_registered_model_tag(name, key, value)
+    for v in versions:
+        client.set_model_version_tag(name, str(v), key, value)
+    return record
+
+
+def _history(tags: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """The trail records among `tags`, by key."""
+    out = {}
+    for key, value in tags.items():
+        if key.startswith(HISTORY_TAG):
+            try:
+                record = json.loads(value)
+            except ValueError:
+                record = None
+            # Edited by hand into something else: shown as it is.
+            out[key] = record if isinstance(record, dict) else {
+                "time": key.removeprefix(HISTORY_TAG), "raw": value}
+    return out
+
+
 def describe(client_or_uri: Any, name: str) -> list[dict[str, Any]]:
-    """Every version with its aliases, run and tags, oldest first (for `promote.py show`)."""
+    """Every version, oldest first, with its aliases, run, tags and "history": its trail
+    records, oldest first, kept out of "tags" (for `promote.py show`)."""
     client = _client(client_or_uri)
     out = []
     for v in _versions(client, name):
         mv = client.get_model_version(name, str(v))
+        tags = dict(mv.tags or {})
+        history = _history(tags)
         out.append({"version": int(mv.version), "aliases": sorted(mv.aliases or []),
-                    "run_id": mv.run_id, "tags": dict(mv.tags or {})})
+                    "run_id": mv.run_id,
+                    "tags": {k: t for k, t in tags.items() if k not in history},
+                    "history": [history[k] for k in sorted(history)]})
     return out
+
+
+def trail(client_or_uri: Any, name: str) -> list[dict[str, Any]]:
+    """Every gate decision and alias move of registered model `name`, oldest first: the
+    model's records merged with its versions' copies, should a tag of the model be lost."""
+    from mlflow.exceptions import MlflowException
+
+    client = _client(client_or_uri)
+    try:
+        records = _history(dict(client.get_registered_model(name).tags or {}))
+    except MlflowException:
+        return []
+    for v in _versions(client, name):
+        records.update(_history(dict(client.get_model_version(name, str(v)).tags or {})))
+    return [records[k] for k in sorted(records)]
 
 
 # ---------------------------------------------------------------------------------------------

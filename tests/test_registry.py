@@ -236,7 +236,9 @@ def test_gate_promotes_refuses_and_rolls_back(store, model_files):
     d = registry.promote(uri, name, 3, **gate)
     assert d["gate.decision"] == "accepted" and champion() == 3
     assert client.get_model_version(name, "3").tags[registry.PREVIOUS_TAG] == "1"
-    assert registry.promote(uri, name, 3, **gate)["gate.decision"] == "refused"  # already
+    d = registry.promote(uri, name, 3, **gate)  # already the champion: nothing decided
+    assert d["gate.decision"] == "unchanged" and "already champion" in d["gate.reason"]
+    assert client.get_model_version(name, "3").tags["gate.decision"] == "accepted"
 
     assert registry.rollback(uri, name) == {"name": name, "champion": 1, "rolled_back_from": 3}
     assert champion() == 1
