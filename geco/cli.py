@@ -16,7 +16,7 @@ from pathlib import Path
 
 from geco import setup_logging
 from geco.config import Config, load_config, save_config
-from geco.errors import GecoError
+from geco.errors import GecoError, one_line
 
 log = logging.getLogger("geco")
 
@@ -39,9 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     synth = data.add_parser("synth", help="write the synthetic outfit dataset")
     synth.add_argument("--out", required=True, help="output folder (files/, img/)")
     _common(synth, run_dir=False)
-    from geco.data.shards import add_shard_command
+    from geco.data.shards import add_shard_command, add_verify_command
 
     add_shard_command(data)
+    add_verify_command(data)
+    from geco.data.check import add_check_command
+
+    add_check_command(data)
 
     train = sub.add_parser("train", help="train a stage").add_subparsers(dest="stage",
                                                                          required=True)
@@ -198,10 +202,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.command == "data":
-            if args.data_cmd == "shard":
+            if args.data_cmd == "check":
+                from geco.data.check import cmd_check
+
+                cmd_check(args, cfg)
+            elif args.data_cmd == "shard":
                 from geco.data.shards import cmd_shard
 
                 cmd_shard(args, cfg)
+            elif args.data_cmd == "verify":
+                from geco.data.shards import cmd_verify
+
+                cmd_verify(args)
             else:
                 cmd_synth(args, cfg)
             return 0
@@ -228,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd_compare(cfg, run_dir, args.models, args.split, not args.no_train)
         return 0
     except GecoError as exc:
-        print(f"geco: error: {exc}", file=sys.stderr)
+        print(f"geco: error: {one_line(exc)}", file=sys.stderr)
         return 2
     finally:
         from geco.train.runtime import shutdown_distributed

@@ -24,7 +24,7 @@ import torch
 from geco.data.transforms import imagenet_transform
 from geco.errors import DataError
 from geco.metrics import TieRule, full_ranking_metrics, random_expectations, sampled_metrics
-from geco.settings import at_least
+from geco.settings import at_least, check_seed, require
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -42,9 +42,17 @@ class EvalConfig:
     batch_size: int = 128
     seed: int = 1234  # template noise at evaluation is seeded: metrics are reproducible
     ties: TieRule = "expected"
+    # Share of a split's rows that must be scored for its metrics to be reported (test
+    # and valid in `geco evaluate`, `geco compare`, the Ray evaluation task). Rows are lost
+    # when data.on_bad_image=skip skips unreadable samples or absent candidates; metrics over
+    # a sliver of a split are not the split's.
+    min_coverage: float = 1.0
 
     def validate(self, key: str) -> None:
         at_least(f"{key}.batch_size", self.batch_size, 1)
+        check_seed(f"{key}.seed", self.seed)
+        require(0 < self.min_coverage <= 1, f"{key}.min_coverage", self.min_coverage,
+                "a share of the split's rows in (0, 1]")
 
 
 @torch.no_grad()
@@ -71,7 +79,8 @@ def embed_candidates(embed, data: FolderData | ShardData, split: str, *, rt: Run
 @torch.no_grad()
 def evaluate(retriever: Retriever, data: FolderData | ShardData, split: str, *, rt: Runtime,
              image_size: int, cfg: EvalConfig, num_workers: int = 0,
-             prior_weights: Sequence[float] = (), select: str = "") -> dict[str, Any]:
+             prior_weights: Sequence[float] = (), select: str = "",
+             min_coverage: float | None = None) -> dict[str, Any]:
     """All metrics of `retriever` on one valid/test split of `data`.
 
     `prior_weights` (with `select`, a metric name): score with each popularity weight and
@@ -79,16 +88,20 @@ def evaluate(retriever: Retriever, data: FolderData | ShardData, split: str, *, 
     "popularity_weight"; the embeddings are computed once. Else the retriever's own weight.
 
     In skip mode, unreadable samples and rows whose bottoms are missing from the candidates
-    are counted in "skipped", not scored."""
+    are counted in "skipped", not scored; the metrics say how many rows were scored
+    ("rows_scored" of "rows_total") and why the others were not. Fewer scored rows than
+    `min_coverage` (default cfg.min_coverage) of the split raise a DataError naming the
+    counts; 0 only warns (validation during training)."""
     if len(prior_weights) > 1 and not select:
         raise ValueError("evaluate: several prior_weights need `select`, the metric to choose by")
     t0 = time.perf_counter()
     retriever.generator.eval()
     retriever.model.eval()
     n_rows = data.n_rows(split)
-    ids, bottoms, skipped = embed_candidates(
+    ids, bottoms, candidates_skipped = embed_candidates(
         retriever.bottoms, data, split, rt=rt, image_size=image_size,
         batch_size=cfg.batch_size, num_workers=num_workers)
+    skipped = candidates_skipped
     order = {item: i for i, item in enumerate(ids)}
 
     noise = torch.randn(n_rows, retriever.generator.noise_dim,
@@ -119,8 +132,14 @@ def evaluate(retriever: Retriever, data: FolderData | ShardData, split: str, *, 
             raise err
         log.warning("skipping rows: %s", err)
         skipped += len(rows) - len(usable)
-    if not usable:
-        raise DataError(f"{data.where}: no {split} rows left to evaluate")
+    dropped = data.dropped_rows(split)
+    coverage = {"rows_total": n_rows + dropped, "rows_scored": len(usable),
+                # rows without a readable top, or dropped by the image check when loading
+                "rows_unreadable": n_rows + dropped - len(rows),
+                "rows_missing_candidates": len(rows) - len(usable),
+                "candidates_unreadable": candidates_skipped}
+    check_coverage(coverage, split, data.where,
+                   cfg.min_coverage if min_coverage is None else min_coverage)
     queries = torch.stack([row[1] for row in usable])
     positives, negatives = [row[2] for row in usable], [row[3] for row in usable]
     metrics: dict[str, Any] = {}
@@ -133,9 +152,25 @@ def evaluate(retriever: Retriever, data: FolderData | ShardData, split: str, *, 
         if not metrics or m[select] > metrics[select]:
             metrics = m
     metrics["skipped"] = skipped
+    metrics.update(coverage)
     metrics["eval_seconds"] = time.perf_counter() - t0
     return metrics
 
+
+def check_coverage(coverage: dict[str, int], split: str, where: str, min_coverage: float) -> None:
+    """Refuse metrics over less than `min_coverage` of a split's rows (0: warn only): a split
+    that lost rows to skips is another, easier or harder, split."""
+    total, scored = coverage["rows_total"], coverage["rows_scored"]
+    if scored == total:
+        return
+    what = (f"{where}: scored {scored} of the {total} {split} rows "
+            f"({coverage['rows_unreadable']} unreadable, {coverage['rows_missing_candidates']} "
+            "naming bottoms absent from the candidates)")
+    if scored == 0 or (min_coverage > 0 and scored < min_coverage * total):
+        need = f"eval.min_coverage={min_coverage:g}" if min_coverage > 0 else "at least one row"
+        raise DataError(f"{what}; {need} refuses metrics over the rest: fix the data (see the "
+                        "warnings above), or lower eval.min_coverage to report them anyway")
+    log.warning("%s: metrics cover %.1f%% of the split", what, 100 * scored / total)
 
 def evaluate_checkpoint(cfg: Config, checkpoint: str | Path, split: str, data=None, *,
                         generator: str | Path | None = None) -> dict[str, Any]:

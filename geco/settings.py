@@ -46,6 +46,14 @@ def at_least(key: str, value: int | float, low: int | float, why: str = "") -> N
     require(value >= low, key, value, f"must be >= {low}" + (f" ({why})" if why else ""))
 
 
+def check_seed(key: str, value: int) -> None:
+    at_least(key, value, 0, "seeds are non-negative integers")
+
+
+def check_max_steps(key: str, value: int) -> None:
+    at_least(key, value, 0, "0 = the whole epoch; a cap must be >= 1 step")
+
+
 def finite_nonnegative(key: str, value: float) -> None:
     require(math.isfinite(value) and value >= 0, key, value, "must be a finite number >= 0")
 
@@ -147,11 +155,14 @@ def _coerce(key: str, value: Any, annotation: Any) -> Any:
         if isinstance(value, str):
             # YAML 1.1 reads "1e-4" (no dot) as a string; accept any float literal.
             try:
-                return float(value)
+                value = float(value)
             except ValueError:
                 raise ConfigError(f"{key}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
+        # No setting means anything with NaN or infinity: refused here, once for every
+        # section, before it could crash an epoch later.
+        require(math.isfinite(value), key, value, "must be a finite number")
         return float(value)
     if annotation is str:
         if value is None:

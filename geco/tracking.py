@@ -55,8 +55,10 @@ class TrackingConfig:
     gate_margin: float = 0.0
 
     def validate(self, key: str) -> None:
-        if not math.isfinite(self.gate_margin):
-            raise ConfigError(f"{key}.gate_margin={self.gate_margin}: not a number")
+        if not math.isfinite(self.gate_margin) or self.gate_margin < 0:
+            # A negative margin would promote a candidate worse than the champion.
+            raise ConfigError(f"{key}.gate_margin={self.gate_margin}: must be a finite "
+                              "number >= 0")
 
 
 def numeric(record: Mapping[str, Any], skip: tuple[str, ...] = ()) -> dict[str, float]:

@@ -43,11 +43,11 @@ def load(args):
 def run(main) -> None:
     """Run `main()`; a geco error ends the job with one clear message and exit status 2."""
     from geco import setup_logging
-    from geco.errors import GecoError
+    from geco.errors import GecoError, one_line
 
     setup_logging()
     try:
         main()
     except GecoError as exc:
-        print(f"geco: error: {exc}", file=sys.stderr)
+        print(f"geco: error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)

@@ -59,7 +59,7 @@ from geco.models.backbone import (
     imagenet_weights_path,
     resnet18_features,
 )
-from geco.settings import at_least, finite_nonnegative, learning_rate, resumable
+from geco.settings import at_least, check_seed, finite_nonnegative, learning_rate, resumable
 from geco.train.runtime import Runtime
 
 if TYPE_CHECKING:
@@ -103,6 +103,7 @@ class BPRDAEConfig:
         for name in ("mu", "lam", "momentum"):
             finite_nonnegative(f"{key}.{name}", getattr(self, name))
         learning_rate(f"{key}.lr", self.lr)
+        check_seed(f"{key}.seed", self.seed)
 
 
 def init_bound(in_dim: int, hidden: int) -> float:

@@ -53,6 +53,8 @@ from geco.models.gancm import build_gancm, compat_score
 from geco.settings import (
     adam_betas,
     at_least,
+    check_max_steps,
+    check_seed,
     finite_nonnegative,
     learning_rate,
     require,
@@ -105,6 +107,8 @@ class GanCMConfig:
             finite_nonnegative(f"{key}.{name}", getattr(self, name))
         learning_rate(f"{key}.lr", self.lr)
         adam_betas(f"{key}.betas", self.betas)
+        check_max_steps(f"{key}.max_steps_per_epoch", self.max_steps_per_epoch)
+        check_seed(f"{key}.seed", self.seed)
         require(self.alpha > 0 or self.beta > 0, f"{key}.alpha", self.alpha,
                 "alpha and beta are both 0: the score would be constant")
 

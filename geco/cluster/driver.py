@@ -36,7 +36,7 @@ from geco.cluster.worker import (
     tune_trial,
 )
 from geco.errors import ConfigError, GecoError
-from geco.settings import at_least, require
+from geco.settings import at_least, check_seed, require
 
 if TYPE_CHECKING:
     from geco.config import Config
@@ -94,8 +94,10 @@ class ClusterConfig:
         at_least(f"{key}.max_failures", self.max_failures, -1)
         require(self.cpus_per_worker > 0, f"{key}.cpus_per_worker", self.cpus_per_worker,
                 "must be > 0")
-        require(not self.use_gpu or self.gpus_per_worker > 0, f"{key}.gpus_per_worker",
-                self.gpus_per_worker, "must be > 0 with use_gpu")
+        require(self.gpus_per_worker >= 0 and (not self.use_gpu or self.gpus_per_worker > 0),
+                f"{key}.gpus_per_worker", self.gpus_per_worker, "must be > 0 with use_gpu, else >= 0")
+        require(self.eval_cpus > 0, f"{key}.eval_cpus", self.eval_cpus, "must be > 0")
+        require(self.eval_gpus >= 0, f"{key}.eval_gpus", self.eval_gpus, "must be >= 0")
         require(bool(self.name) and "/" not in self.name, f"{key}.name", self.name,
                 "a non-empty name without '/'")
 
@@ -147,6 +149,12 @@ class TuneConfig:
         at_least(f"{key}.num_samples", self.num_samples, 1)
         at_least(f"{key}.grace_period", self.grace_period, 1)
         at_least(f"{key}.reduction_factor", self.reduction_factor, 2)
+        at_least(f"{key}.max_concurrent", self.max_concurrent, 0, "0 = as many as fit")
+        require(self.cpus_per_trial > 0, f"{key}.cpus_per_trial", self.cpus_per_trial,
+                "must be > 0")
+        require(self.gpus_per_trial >= 0, f"{key}.gpus_per_trial", self.gpus_per_trial,
+                "must be >= 0")
+        check_seed(f"{key}.seed", self.seed)
 
 
 # --- steps every pipeline shares --------------------------------------------------------------

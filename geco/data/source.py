@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from torch.utils.data import DataLoader, Dataset
 
+from geco.data.check import Policy, check_loaded
 from geco.data.datasets import (
     ItemDataset,
     PairDataset,
@@ -65,6 +66,10 @@ class DataConfig:
     n_negatives: int = 9
     on_missing_image: OnBad = "error"  # rows whose image files are absent (preflight)
     on_bad_image: OnBad = "error"  # images that fail to decode during training
+    # Duplicate rows, self-pairs, negatives equal to the positive (geco.data.check): "error"
+    # refuses them in valid/test splits; "warn" loads them. Train anomalies, duplicate
+    # negatives and tops shared with train are only warned about, with counts.
+    anomalies: Policy = resumable("error")
     # DataLoader worker processes per rank; -1 = sized from the CPUs this process may use
     # (loader_workers).
     num_workers: int = resumable(2)
@@ -94,6 +99,7 @@ class DataConfig:
         at_least(f"{key}.n_negatives", self.n_negatives, 3, "AUC-1vs3 needs 3 negatives")
         at_least(f"{key}.num_workers", self.num_workers, -1, "-1 = auto")
         at_least(f"{key}.prefetch_factor", self.prefetch_factor, 0, "0 = auto")
+        self.synth.validate(f"{key}.synth")
         require(self.decode == "cpu" or bool(self.shards), f"{key}.decode", self.decode,
                 "decoding on the device reads JPEG bytes from shards: set data.shards too")
 
@@ -190,6 +196,7 @@ class FolderData:
         self.lineage = {"geco.shards": cfg.root, "geco.manifest_sha256": ""}
         self._layout = None
         self._splits: dict[str, Split] = {}
+        self._dropped: dict[str, int] = {}  # rows removed by the image check, per split
         self._images: ImageFolder | None = None
 
     def splits(self, names: tuple[str, ...]) -> tuple[dict[str, Split], ImageFolder]:
@@ -200,7 +207,10 @@ class FolderData:
             if self._layout is None:
                 self._layout = resolve_layout(Path(self.cfg.root), self.cfg.kind)
                 self._images = ImageFolder(self._layout.img_dir)
-            loaded = load_splits(self._layout, n_negatives=self.cfg.n_negatives, splits=todo)
+            loaded = load_splits(self._layout, n_negatives=self.cfg.n_negatives, splits=todo,
+                                 strict=False)
+            check_loaded(self._layout, loaded, self._splits, n_negatives=self.cfg.n_negatives,
+                         policy=self.cfg.anomalies)
             for name, split in loaded.items():
                 kept, dropped = preflight(split, self._images,
                                           on_missing=self.cfg.on_missing_image)
@@ -208,7 +218,7 @@ class FolderData:
                     log.warning("%s: skipped %d rows with missing images", split.source, dropped)
                 if len(kept) == 0:
                     raise DataError(f"{split.source}: no usable rows left after the image check")
-                self._splits[name] = kept
+                self._splits[name], self._dropped[name] = kept, dropped
         return {n: self._splits[n] for n in names}, self._images
 
     def split(self, name: str) -> Split:
@@ -226,6 +236,12 @@ class FolderData:
         if s.negatives is None:
             raise DataError(f"{s.source}: evaluation needs neg_* columns")
         return len(s)
+
+    def dropped_rows(self, split: str) -> int:
+        """Rows of the split file left out by the image check (on_missing_image=skip): not in
+        n_rows, still part of the split an evaluation reports on."""
+        self.split(split)
+        return self._dropped[split]
 
     def train_loader(self, transform: Transform, *, rt: Runtime, batch_size: int, seed: int,
                      num_workers: int) -> Loader:
@@ -307,6 +323,9 @@ class ShardData:
     def n_rows(self, split: str) -> int:
         entry = self._entry(split, "eval")
         return int(entry["samples"]) + int(entry.get("skipped", 0))
+
+    def dropped_rows(self, split: str) -> int:
+        return 0  # rows skipped when the shards were written are in n_rows already
 
     def train_loader(self, transform: Transform, *, rt: Runtime, batch_size: int, seed: int,
                      num_workers: int) -> Loader:

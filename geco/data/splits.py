@@ -113,8 +113,12 @@ def _column(header: list[str], name: str, src: str) -> int:
         raise DataError(f"{src}:1: missing required column {name!r} (header: {header})") from None
 
 
-def read_split_csv(path: str | Path, name: str, *, min_negatives: int = 0) -> Split:
-    """Read one split file: `tshirt,positive_pant[,outfit_id,has_exploded][,neg_1..neg_K]`."""
+def read_split_csv(path: str | Path, name: str, *, min_negatives: int = 0,
+                   strict: bool = True) -> Split:
+    """Read one split file: `tshirt,positive_pant[,outfit_id,has_exploded][,neg_1..neg_K]`.
+
+    strict=False reads a negative equal to the positive instead of refusing it, so that
+    geco.data.check can count it with the other anomalies and apply `data.anomalies`."""
     path = Path(path)
     src = str(path)
     header, rows = _read_table(path)
@@ -144,7 +148,7 @@ def read_split_csv(path: str | Path, name: str, *, min_negatives: int = 0) -> Sp
                 raise DataError(f"{src}:{line}: empty id in column 'neg_{k}'")
             # Duplicates among a row's negatives are tolerated (TB has them), but a negative
             # equal to the positive would make a correct ranking impossible.
-            if value == f[i_pos]:
+            if strict and value == f[i_pos]:
                 raise DataError(f"{src}:{line}: neg_{k} {value!r} equals the positive bottom")
         tops.append(f[i_top])
         bottoms.append(f[i_pos])
@@ -220,8 +224,10 @@ def load_splits(
     n_negatives: int = 9,
     seed: int = 0,
     splits: Sequence[str] = SPLIT_NAMES,
+    strict: bool = True,
 ) -> dict[str, Split]:
-    """Read the requested splits. `n_negatives`/`seed` only matter for "pairs" layouts."""
+    """Read the requested splits. `n_negatives`/`seed` only matter for "pairs" layouts;
+    `strict` as in `read_split_csv` (sampled "pairs" negatives never equal the positive)."""
     for s in splits:
         layout.split_path(s)  # validates the name
     if layout.kind == "pairs":
@@ -234,7 +240,8 @@ def load_splits(
         path = layout.split_path(s)
         if not path.is_file():
             raise DataError(f"{layout.kind} dataset: missing {s} split file {path}")
-        out[s] = read_split_csv(path, s, min_negatives=0 if s == "train" else MIN_EVAL_NEGATIVES)
+        out[s] = read_split_csv(path, s, min_negatives=0 if s == "train" else MIN_EVAL_NEGATIVES,
+                                strict=strict)
     return out
 
 

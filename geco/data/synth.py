@@ -91,28 +91,29 @@ class SynthSpec:
     seed: int = 0
     jpeg_quality: int = 90
 
-    def validate(self) -> None:
+    def validate(self, key: str = "data.synth") -> None:
         # Each split needs every class among its tops (balanced classes, so >= 96 tops; for
         # train >= pairs_per_top per class so a top's positives are distinct) and enough
         # incompatible bottoms for the negatives.
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"{key}.{name}={getattr(self, name)!r}: {why}")
+
         if self.pairs_per_top < 1:
-            raise ConfigError(f"pairs_per_top must be >= 1, got {self.pairs_per_top}")
+            raise bad("pairs_per_top", "must be >= 1")
         if self.n_train_tops < N_CLASSES * self.pairs_per_top:
-            raise ConfigError(
-                f"n_train_tops must be >= {N_CLASSES} x pairs_per_top "
-                f"= {N_CLASSES * self.pairs_per_top}, got {self.n_train_tops}"
-            )
+            raise bad("n_train_tops", f"must be >= {N_CLASSES} classes x pairs_per_top "
+                      f"= {N_CLASSES * self.pairs_per_top}")
         for name in ("n_valid", "n_test"):
             if getattr(self, name) < N_CLASSES:
-                raise ConfigError(f"{name} must be >= {N_CLASSES}, got {getattr(self, name)}")
+                raise bad(name, f"must be >= {N_CLASSES} (one top of every class)")
         if not 3 <= self.n_negatives <= min(self.n_valid, self.n_test) * 3 // 4:
-            raise ConfigError(
-                f"n_negatives must be in [3, 3/4 of min(n_valid, n_test)], got {self.n_negatives}"
-            )
+            raise bad("n_negatives", "must be in [3, 3/4 of min(n_valid, n_test)]")
         if not 32 <= self.image_size <= 1024:
-            raise ConfigError(f"image_size must be in [32, 1024], got {self.image_size}")
+            raise bad("image_size", "must be in [32, 1024]")
         if not 1 <= self.jpeg_quality <= 100:
-            raise ConfigError(f"jpeg_quality must be in [1, 100], got {self.jpeg_quality}")
+            raise bad("jpeg_quality", "must be in [1, 100]")
+        if self.seed < 0:
+            raise bad("seed", "seeds are non-negative integers")
 
 
 def is_compatible(top_attrs: dict[str, str], bottom_attrs: dict[str, str]) -> bool:

@@ -34,7 +34,14 @@ from geco.data.transforms import (
     save_rows,
 )
 from geco.errors import ConfigError, GecoError
-from geco.settings import adam_betas, at_least, finite_nonnegative, learning_rate, resumable
+from geco.settings import (
+    adam_betas,
+    at_least,
+    check_max_steps,
+    finite_nonnegative,
+    learning_rate,
+    resumable,
+)
 from geco.train.runtime import Runtime, load_checkpoint, unwrap
 
 if TYPE_CHECKING:
@@ -70,8 +77,9 @@ class CIGMConfig:
     collapse_ratio: float = resumable(0.1)
 
     def validate(self, key: str) -> None:
-        for name in ("features", "epochs", "batch_size"):
+        for name in ("features", "noise_dim", "epochs", "batch_size", "n_samples"):
             at_least(f"{key}.{name}", getattr(self, name), 1)
+        check_max_steps(f"{key}.max_steps_per_epoch", self.max_steps_per_epoch)
         learning_rate(f"{key}.lr", self.lr)
         adam_betas(f"{key}.betas", self.betas)
         finite_nonnegative(f"{key}.lambda_l1", self.lambda_l1)

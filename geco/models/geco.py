@@ -26,7 +26,14 @@ from geco.data.transforms import gan_to_imagenet, imagenet_to_gan, imagenet_tran
 from geco.errors import ConfigError, GecoError
 from geco.models.backbone import BackboneConfig, resnet18_features
 from geco.models.cigm import Generator, as_floats, load_generator, save_template_grid
-from geco.settings import adam_betas, at_least, learning_rate, require, resumable
+from geco.settings import (
+    adam_betas,
+    at_least,
+    check_max_steps,
+    learning_rate,
+    require,
+    resumable,
+)
 from geco.train.runtime import Runtime, gather_rows, load_checkpoint, unwrap
 
 if TYPE_CHECKING:
@@ -93,6 +100,9 @@ class GECoConfig:
             at_least(f"{key}.{name}", getattr(self, name), 1)
         learning_rate(f"{key}.lr", self.lr)
         adam_betas(f"{key}.betas", self.betas)
+        require(0 < self.lr_gamma <= 1, f"{key}.lr_gamma", self.lr_gamma,
+                "the learning rate's decay factor every lr_step epochs must be in (0, 1]")
+        check_max_steps(f"{key}.max_steps_per_epoch", self.max_steps_per_epoch)
         require(math.isfinite(self.popularity_weight) and self.popularity_weight >= 0,
                 f"{key}.popularity_weight", self.popularity_weight, "must be finite and >= 0")
         for w in self.popularity_search:
@@ -436,7 +446,8 @@ class GECoStage:
             m = evaluate(self.retriever, self.data, "valid", rt=self.rt,
                          image_size=self.cfg.data.image_size, cfg=self.cfg.eval,
                          num_workers=self.cfg.data.loader_workers,
-                         prior_weights=g.popularity_search, select=g.selection_metric)
+                         prior_weights=g.popularity_search, select=g.selection_metric,
+                         min_coverage=0.0)  # warns: a validation skip must not end training
             if g.popularity_search:  # this epoch's checkpoint scores with the chosen weight
                 self.retriever.prior_weight = m["popularity_weight"]
             metrics = {f"valid_{k}": float(v) for k, v in m.items()

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -19,6 +20,7 @@ import torch
 import torch.distributed as dist
 
 from geco.errors import ConfigError, GecoError
+from geco.settings import at_least, check_seed, require
 
 log = logging.getLogger("geco")
 
@@ -33,7 +35,10 @@ class RuntimeConfig:
     log_every: int = 20  # steps between progress lines
 
     def validate(self, key: str) -> None:
-        pass  # every value of the right type works (the choices are checked on loading)
+        require(re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device) is not None, f"{key}.device",
+                self.device, "expected auto, cpu, cuda or cuda:N")
+        check_seed(f"{key}.seed", self.seed)
+        at_least(f"{key}.log_every", self.log_every, 1, "steps between progress lines")
 
 
 @dataclass(frozen=True)
@@ -169,11 +174,38 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic write: a crash mid-save never leaves a truncated checkpoint behind, and a failed
+    write (disk full, quota, permissions) raises a GecoError naming the file and the cause,
+    removes the partial file and leaves the previous checkpoint at `path` as it was."""
+    path = Path(path)
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Through a Python file (not a path) so that an OS error surfaces as OSError with its
+        # errno, not torch's "enforce fail at inline_container.cc"; fsync so a full disk shows
+        # here, not after the rename.
+        with open(tmp, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else _first_line(exc)
+        kept = f"the previous {path.name} is unchanged" if path.is_file() else "nothing was saved"
+        raise GecoError(f"cannot write checkpoint {path}: {cause}; {kept} (free space in "
+                        f"{path.parent} or point the run dir elsewhere)") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    cause: BaseException | None = exc
+    while cause is not None:  # torch wraps the OS error of a file object in a RuntimeError
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
