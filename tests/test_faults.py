@@ -265,3 +265,15 @@ def test_an_error_in_a_loader_worker_is_reported_in_one_line(capsys, tmp_path):
         list(DataLoader(Broken(), num_workers=1))
     assert "Traceback" in str(info.value)
     assert one_line(info.value) == f"{tmp_path}/train-000.tar: sha256 differs from the manifest"
+
+
+def test_n_negatives_that_a_split_file_overrides_is_said(tiny, synth_small, caplog):
+    from geco.data.source import open_data
+
+    data = open_data(tiny(synth_small, "data.n_negatives=5").data)
+    assert data.split("test").n_negatives == 9  # the file's negatives, as written
+    said = [r.getMessage() for r in caplog.records if "data.n_negatives=5" in r.getMessage()]
+    assert len(said) == 1 and "test.csv" in said[0] and "9 negatives" in said[0]
+    caplog.clear()
+    open_data(tiny(synth_small).data).split("test")
+    assert not any("n_negatives" in r.getMessage() for r in caplog.records)

@@ -212,6 +212,12 @@ class FolderData:
             check_loaded(self._layout, loaded, self._splits, n_negatives=self.cfg.n_negatives,
                          policy=self.cfg.anomalies)
             for name, split in loaded.items():
+                if split.negatives and split.n_negatives != self.cfg.n_negatives:
+                    # Split files carry their own negatives: said once, not silently ignored.
+                    log.warning("data.n_negatives=%d does not apply to %s: its rows carry %d "
+                                "negatives, used as written (n_negatives sets how many are "
+                                "sampled for pairs.csv datasets)", self.cfg.n_negatives,
+                                split.source, split.n_negatives)
                 kept, dropped = preflight(split, self._images,
                                           on_missing=self.cfg.on_missing_image)
                 if dropped:
