@@ -8,7 +8,9 @@ the orchestration extra.
 
 Failure policy (`tracking.on_error`): "fail" raises `TrackingError` naming the URI; "warn" logs
 one warning on the "geco" logger and turns the tracker into a no-op (run_id None), so training
-goes on untracked but never silently.
+goes on untracked but never silently. Either way the tracker keeps its first failure
+(`Tracker.failure`: what it was doing, and why) for the job's summary, and ending a run as
+FAILED or KILLED never raises: the error that ended it is the one to report.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +37,12 @@ MAX_TAG_VALUE = 8000
 # Config keys never sent to the tracking server, whatever their value.
 SECRET_MARKERS = ("secret", "password", "token", "access_key")
 START_HINT = "start it (infra/local/mlflow.sh start) or set tracking.on_error=warn / tracking.enabled=false"
+
+
+# Metrics every registered GECo version carries (its run logs them): what the gate may compare.
+GATE_METRICS = tuple(f"{split}_{m}" for split in ("valid", "test")
+                     for m in ("auc_1vs1", "auc_1vs3", "mrr_1vs9", "mrr_full", "recall_at_1",
+                               "recall_at_10", "ndcg_at_1", "ndcg_at_10"))
 
 
 @dataclass
@@ -55,10 +63,98 @@ class TrackingConfig:
     gate_margin: float = 0.0
 
     def validate(self, key: str) -> None:
+        # The gate reads this metric of a registered version: a name no run logs would refuse
+        # every candidate only after training.
+        if self.gate_metric not in GATE_METRICS:
+            raise ConfigError(f"{key}.gate_metric={self.gate_metric!r}: expected one of "
+                              f"{', '.join(GATE_METRICS)}")
         if not math.isfinite(self.gate_margin) or self.gate_margin < 0:
             # A negative margin would promote a candidate worse than the champion.
             raise ConfigError(f"{key}.gate_margin={self.gate_margin}: must be a finite "
                               "number >= 0")
+
+
+@dataclass(frozen=True)
+class TrackingFailure:
+    """The first MLflow failure of a tracker: what it was doing (`when`, e.g. "logging epoch 2
+    of run 1f3c..."), why (`cause`, e.g. "ConnectionRefusedError: [Errno 111] Connection
+    refused") and when (`time`, seconds since the epoch: the first of several failures, in
+    the driver or on a worker, is the one to name)."""
+
+    when: str
+    cause: str
+    unreachable: bool = False
+    time: float = field(default_factory=time.time)
+
+    @classmethod
+    def of(cls, when: str, exc: BaseException) -> TrackingFailure:
+        root = _network_error(exc)
+        if root is not None:
+            return cls(when, f"{type(root).__name__}: {root}", unreachable=True)
+        text = str(exc).strip().splitlines()
+        cause = str(exc) if isinstance(exc, TrackingError) else (
+            f"{type(exc).__name__}: {text[0] if text else ''}")
+        return cls(when, cause)
+
+    def message(self, uri: str, *, hint: bool) -> str:
+        """One line naming the server, what failed and why (with how to fix it if `hint`)."""
+        if self.unreachable:
+            text = f"MLflow tracking server {uri} unreachable while {self.when}: {self.cause}"
+        else:
+            text = f"MLflow tracking at {uri} failed while {self.when}: {self.cause}"
+        return f"{text}; {START_HINT}" if hint else text
+
+    # A Ray worker's failure reaches the driver in the metrics it reports (flat values).
+    def fields(self) -> dict[str, Any]:
+        return {"mlflow_failure": self.when, "mlflow_failure_cause": self.cause,
+                "mlflow_failure_time": self.time}
+
+    @classmethod
+    def from_fields(cls, record: Mapping[str, Any]) -> TrackingFailure | None:
+        if not record.get("mlflow_failure"):
+            return None
+        return cls(str(record["mlflow_failure"]), str(record.get("mlflow_failure_cause", "")),
+                   time=float(record.get("mlflow_failure_time") or 0.0))
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    cur: BaseException | None = exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        yield cur
+        cur = cur.__cause__ or cur.__context__
+
+
+def _is_connection_error(exc: BaseException) -> bool:
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    try:  # what MLflow's REST client raises (wrapped in an MlflowException)
+        from requests.exceptions import ConnectionError as RequestsConnectionError
+        from requests.exceptions import Timeout
+    except ImportError:
+        return False
+    return isinstance(exc, (RequestsConnectionError, Timeout))
+
+
+def _network_error(exc: BaseException) -> BaseException | None:
+    """The innermost OS error under a failed connection in `exc`'s chain ("[Errno 111]
+    Connection refused" rather than three layers of HTTP client wrappers), else None."""
+    chain = list(_chain(exc))
+    if not any(_is_connection_error(e) for e in chain):
+        return None
+    return [e for e in chain if isinstance(e, OSError)][-1]
+
+
+def is_tracking_failure(exc: BaseException) -> bool:
+    """Whether `exc` comes from MLflow or the network (and so follows tracking.on_error)."""
+    if _network_error(exc) is not None:
+        return True
+    try:
+        from mlflow.exceptions import MlflowException
+    except ImportError:
+        return False
+    return any(isinstance(e, MlflowException) for e in _chain(exc))
 
 
 def numeric(record: Mapping[str, Any], skip: tuple[str, ...] = ()) -> dict[str, float]:
@@ -145,6 +241,7 @@ class Tracker:
         # Only the creator of a run terminates it: an attached worker merely stops logging.
         self._owned = owned
         self._ended = self.run_id is None
+        self.failure: TrackingFailure | None = None  # the first, in either on_error mode
 
     @property
     def enabled(self) -> bool:
@@ -175,7 +272,7 @@ class Tracker:
             message = f"{message}; {START_HINT}"
             if cfg.on_error == "warn":
                 log.warning("%s (tracking disabled for this run)", message)
-                return cls(cfg, uri=uri)
+                return cls._failed(cfg, uri, f"opening run {run_name!r}", e)
             raise TrackingError(message) from e
         return cls(cfg, uri=uri, client=mlflow_client, run_id=run.info.run_id, owned=True)
 
@@ -200,12 +297,12 @@ class Tracker:
                 f"{type(e).__name__}: {e}")
             if cfg.on_error == "warn":
                 log.warning("%s; %s (tracking disabled for this run)", message, START_HINT)
-                return cls(cfg, uri=uri), False
+                return cls._failed(cfg, uri, f"looking up run {key!r}", e), False
             raise TrackingError(f"{message}; {START_HINT}") from e
         if found:
             tracker = cls(cfg, uri=uri, client=mlflow_client, run_id=found[0].info.run_id,
                           owned=True)
-            tracker._call("reopen the run", mlflow_client.update_run, tracker.run_id,
+            tracker._call("reopening the run", mlflow_client.update_run, tracker.run_id,
                           status="RUNNING")
             return tracker, False
         tracker = cls.start(cfg, run_name=run_name, parent_run_id=parent_run_id,
@@ -226,24 +323,33 @@ class Tracker:
         except Exception as e:  # noqa: BLE001
             if cfg.on_error == "warn":
                 log.warning("MLflow tracking at %s unavailable (%s); not logging", uri, e)
-                return cls(cfg, uri=uri)
+                return cls._failed(cfg, uri, f"attaching to run {run_id}", e)
             raise TrackingError(f"MLflow tracking at {uri} unavailable: {e}") from e
         return cls(cfg, uri=uri, client=mlflow_client, run_id=run_id, owned=False)
+
+    @classmethod
+    def _failed(cls, cfg: TrackingConfig, uri: str, when: str, exc: BaseException) -> Tracker:
+        """The no-op tracker of a run that could not be opened (warn), failure kept."""
+        tracker = cls(cfg, uri=uri)
+        tracker.failure = TrackingFailure.of(when, exc)
+        return tracker
 
     # -- logging ------------------------------------------------------------------------------
 
     def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
-        """Run one client call under the on_error policy."""
+        """Run one client call under the on_error policy; `what` says what it does ("logging
+        epoch 2"), for the message naming the failure."""
         if not self.enabled:
             return
         try:
             fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - network, server and store errors alike
-            message = (f"MLflow tracking at {self.uri} failed to {what} "
-                       f"(run {self.run_id}): {type(e).__name__}: {e}")
+            failure = TrackingFailure.of(f"{what} of run {self.run_id}", e)
+            self.failure = self.failure or failure
             if self.cfg.on_error != "warn":
-                raise TrackingError(message) from e
-            log.warning("%s; tracking disabled for the rest of this run", message)
+                raise TrackingError(failure.message(self.uri, hint=True)) from e
+            log.warning("%s; tracking disabled for the rest of this run",
+                        failure.message(self.uri, hint=False))
             self._degrade()
 
     def _degrade(self) -> None:
@@ -259,10 +365,12 @@ class Tracker:
 
         params = [Param(k, v) for k, v in flatten_config(config)]
         # log_batch splits into MLflow's 100-params-per-request chunks itself.
-        self._call("log params", self._client.log_batch, self.run_id, params=params)
+        self._call("logging params", self._client.log_batch, self.run_id, params=params)
 
-    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
-        """Log the numeric values of `metrics` at `step` (others are ignored)."""
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *,
+                    what: str = "") -> None:
+        """Log the numeric values of `metrics` at `step` (others are ignored); `what` names
+        them in a failure ("logging epoch 2"; default: "logging metrics at step N")."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
@@ -270,7 +378,8 @@ class Tracker:
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step or 0) for k, v in numeric(metrics).items()]
         if batch:
-            self._call("log metrics", self._client.log_batch, self.run_id, metrics=batch)
+            self._call(what or f"logging metrics at step {step or 0}", self._client.log_batch,
+                       self.run_id, metrics=batch)
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which metric `key` was logged in this run (empty when disabled)."""
@@ -279,15 +388,16 @@ class Tracker:
         def read() -> None:
             steps.update(int(m.step) for m in self._client.get_metric_history(self.run_id, key))
 
-        self._call(f"read the history of {key}", read)
+        self._call(f"reading the logged steps of {key}", read)
         return steps
 
-    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None, *,
+                     what: str = "") -> None:
         """Upload one local file (or folder) into the run's artifacts."""
         if not self.enabled:
             return
         upload = self._client.log_artifacts if Path(path).is_dir() else self._client.log_artifact
-        self._call(f"upload artifact {path}", upload, self.run_id, str(path), artifact_path)
+        self._call(what or f"uploading {path}", upload, self.run_id, str(path), artifact_path)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         if not self.enabled or not tags:
@@ -295,29 +405,29 @@ class Tracker:
         from mlflow.entities import RunTag
 
         batch = [RunTag(k, str(v)[:MAX_TAG_VALUE]) for k, v in tags.items()]
-        self._call("set tags", self._client.log_batch, self.run_id, tags=batch)
+        self._call("setting tags", self._client.log_batch, self.run_id, tags=batch)
 
     def end(self, status: str = "FINISHED") -> None:
-        """Terminate the run with `status` (FINISHED, FAILED, KILLED); idempotent."""
+        """Terminate the run with `status` (FINISHED, FAILED, KILLED); idempotent. Only
+        FINISHED can raise: a run ends otherwise because something failed (often the tracking
+        server itself), and that failure, not this one, is the error to report."""
         if not self.enabled:
             return
-        if self._owned:
-            self._call(f"end the run as {status}", self._client.set_terminated,
-                       self.run_id, status)
+        try:
+            if self._owned:
+                self._call(f"ending the run as {status}", self._client.set_terminated,
+                           self.run_id, status)
+        except TrackingError as e:
+            if status == "FINISHED":
+                raise
+            log.warning("%s", e)
         self._ended = True
 
     def __enter__(self) -> Tracker:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if exc_type is None:
-            self.end("FINISHED")
-            return
-        try:
-            self.end("FAILED")
-        except TrackingError as e:
-            # Do not mask the training error with a tracking one.
-            log.warning("%s", e)
+        self.end("FINISHED" if exc_type is None else "FAILED")
 
 
 def client(uri: str | None) -> Any:

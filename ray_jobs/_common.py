@@ -49,5 +49,14 @@ def run(main) -> None:
     try:
         main()
     except GecoError as exc:
-        print(f"geco: error: {one_line(exc)}", file=sys.stderr)
+        print(f"geco: error: {one_line(_cause(exc))}", file=sys.stderr)
         sys.exit(2)
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The geco error inside a Ray task's error (which is also an instance of it, but prints
+    the task's traceback), else `exc` itself."""
+    cause = getattr(exc, "cause", None)
+    from geco.errors import GecoError
+
+    return cause if isinstance(cause, GecoError) else exc

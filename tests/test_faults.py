@@ -161,6 +161,7 @@ def test_a_write_error_mid_file_removes_the_partial_file(tmp_path):
     ("tune.max_concurrent=-1", "tune.max_concurrent"),
     ("tracking.gate_margin=-0.1", "tracking.gate_margin"),
     ("tracking.gate_margin=.nan", "tracking.gate_margin"),
+    ("tracking.gate_metric=valid_accuracy", "tracking.gate_metric"),
     ("geco.popularity_search=[0.1, .nan]", "geco.popularity_search"),
 ])
 def test_impossible_settings_are_refused_naming_the_key(override, culprit):

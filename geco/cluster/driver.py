@@ -20,6 +20,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,9 @@ from geco.cluster.worker import (
     trial_config,
     tune_trial,
 )
-from geco.errors import ConfigError, GecoError
+from geco.errors import ConfigError, GecoError, TrackingError
 from geco.settings import at_least, check_seed, require
+from geco.tracking import TrackingFailure
 
 if TYPE_CHECKING:
     from geco.config import Config
@@ -228,7 +230,8 @@ def open_run(cfg: Config, *, key: str, run_name: str, parent_run_id: str | None 
     return tracker
 
 
-def _begin(cfg: Config, key: str, kind: str) -> tuple[dict[str, str], Tracker]:
+def _begin(cfg: Config, key: str, kind: str, audit: TrackingAudit
+           ) -> tuple[dict[str, str], Tracker]:
     """Check the data, point every worker and task at the driver's tracking URI, and open the
     pipeline's parent run: (lineage tags, parent run)."""
     from geco.tracking import resolve_uri
@@ -236,20 +239,23 @@ def _begin(cfg: Config, key: str, kind: str) -> tuple[dict[str, str], Tracker]:
     lineage = preflight(cfg)
     if cfg.tracking.enabled:
         cfg.tracking.uri = resolve_uri(cfg.tracking)  # workers and tasks log where we do
-    return lineage, open_run(cfg, key=key, run_name=key, tags={"geco.kind": kind, **lineage})
+    return lineage, audit.watch(open_run(cfg, key=key, run_name=key,
+                                         tags={"geco.kind": kind, **lineage}))
 
 
-def _cigm(cfg: Config, cigm: str, parent: Tracker, lineage: dict[str, str]
-          ) -> tuple[Any, str | None]:
+def _cigm(cfg: Config, cigm: str, parent: Tracker, lineage: dict[str, str],
+          audit: TrackingAudit) -> tuple[Any, str | None]:
     """(the CIGM source, its MLflow run id): `cigm` as given, or the Ray Train stage (a child
     run of `parent`), restored when it finished before."""
     if cigm:
         return cigm, None
     name = run_name(cfg, "cigm")
-    child = open_run(cfg, key=name, run_name=name, parent_run_id=parent.run_id,
-                     tags={"geco.kind": "cigm", **lineage})
+    child = audit.watch(open_run(cfg, key=name, run_name=name, parent_run_id=parent.run_id,
+                                 tags={"geco.kind": "cigm", **lineage}))
     with child:
-        source = run_stage(cfg, "cigm", mlflow_run_id=child.run_id).checkpoint
+        result = run_stage(cfg, "cigm", mlflow_run_id=child.run_id)
+        audit.stage("cigm", stage_reports(result))
+        source = result.checkpoint
         child.set_tags({"geco.checkpoint": checkpoint_uri(source)})
     return source, child.run_id
 
@@ -282,18 +288,28 @@ def _gate(cfg: Config, model: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def explain_failure(exc: BaseException) -> GecoError:
-    """A one-paragraph error from Ray Train's failure, naming each failed rank's own error."""
+    """A one-paragraph error from Ray Train's failure, naming each failed rank's own error.
+    A rank's TrackingError is the error itself: only rank 0 tracks, and the other ranks'
+    errors (a collective that lost its peer) follow from it."""
     failures = getattr(exc, "worker_failures", None) or {}
     if not failures:
         return GecoError(f"Ray Train failed: {exc}")
+    causes = {rank: _root(err) for rank, err in sorted(failures.items())}
+    tracking = [c for c in causes.values() if isinstance(c, TrackingError)]
+    if tracking:
+        return tracking[0]
     lines = []
-    for rank, err in sorted(failures.items()):
-        cause = err
-        while getattr(cause, "cause", None) is not None and cause.cause is not cause:
-            cause = cause.cause
+    for rank, cause in causes.items():
         text = str(cause).strip().splitlines()
         lines.append(f"rank {rank}: {type(cause).__name__}: {text[-1] if text else ''}")
     return GecoError("Ray Train failed after its retries:\n  " + "\n  ".join(lines))
+
+
+def _root(err: BaseException) -> BaseException:
+    """The user's exception inside Ray's wrappers (`cause`: a Ray task error)."""
+    while getattr(err, "cause", None) is not None and err.cause is not err:
+        err = err.cause
+    return err
 
 
 def run_stage(cfg: Config, stage: str, *, cigm: Any = None, mlflow_run_id: str | None = None):
@@ -341,6 +357,92 @@ def run_stage(cfg: Config, stage: str, *, cigm: Any = None, mlflow_run_id: str |
     return result
 
 
+def stage_reports(result) -> list[dict[str, Any]]:
+    """The metrics of every report Ray Train still holds for a run (the kept checkpoints'
+    and the latest), oldest first."""
+    reports = [m for _, m in (result.best_checkpoints or [])]
+    return [*reports, result.metrics] if result.metrics else reports
+
+
+@dataclass
+class TrackingAudit:
+    """What MLflow missed in one pipeline, for the job's summary: the first tracking failure
+    (of the driver's runs, of a stage's rank 0, reported through Ray, or of the registration)
+    and the epochs each stage could not log. Under tracking.on_error=fail the first failure
+    ends the job; under warn the job goes on, and this says so at the end."""
+
+    enabled: bool
+    trackers: list[Tracker] = field(default_factory=list)
+    failures: list[TrackingFailure] = field(default_factory=list)
+    untracked: dict[str, list[int]] = field(default_factory=dict)
+
+    def watch(self, tracker: Tracker) -> Tracker:
+        self.trackers.append(tracker)
+        return tracker
+
+    def stage(self, name: str, reports: list[dict[str, Any]]) -> None:
+        """A stage's Ray reports (worker.tracking_report): its untracked epochs and failure."""
+        epochs: set[int] = set()
+        for record in reports:
+            epochs.update(int(e) for e in str(record.get("mlflow_untracked") or "").split(",")
+                          if e)
+            failure = TrackingFailure.from_fields(record)
+            if failure is not None:
+                self.failures.append(failure)
+        if epochs:
+            self.untracked[name] = sorted(epochs)
+
+    def first_failure(self, model: dict[str, Any]) -> TrackingFailure | None:
+        found = [*self.failures, *(t.failure for t in self.trackers if t.failure is not None)]
+        if model.get("failure"):
+            found.append(TrackingFailure.from_fields(model["failure"]))
+        return min(found, key=lambda f: f.time, default=None)
+
+    def outcome(self, model: dict[str, Any]) -> dict[str, Any]:
+        """tracked (every run and epoch logged), registered, and what failed, for the JSON."""
+        failure = self.first_failure(model) if self.enabled else None
+        out: dict[str, Any] = {
+            "tracked": self.enabled and failure is None and not self.untracked,
+            "registered": model.get("version") is not None}
+        if failure is not None:
+            out["tracking_failure"] = f"while {failure.when} ({failure.cause})"
+        if self.enabled and self.untracked:
+            out["untracked_epochs"] = self.untracked
+        return out
+
+    def warning(self, model: dict[str, Any], again: str) -> str | None:
+        """The summary line when tracking failed (None when it did not): when and why, what
+        was not tracked, whether the model was registered; `again`: how to register it."""
+        failure = self.first_failure(model) if self.enabled else None
+        if failure is None:
+            return None
+        lost = ", ".join(f"{name} {_epochs(epochs)}" for name, epochs in self.untracked.items())
+        lost = f"{lost} not tracked" if lost else "every epoch was tracked, later records were not"
+        version = model.get("version")
+        registered = (f"the model is registered as version {version}" if version is not None
+                      else f"the model was NOT registered ({again})")
+        return (f"MLflow tracking failed while {failure.when} ({failure.cause}): {lost}; "
+                f"{registered}")
+
+
+def _epochs(epochs: list[int]) -> str:
+    """[2, 3, 4, 7] -> "epochs 2..4, 7"."""
+    spans: list[list[int]] = []
+    for e in epochs:
+        if spans and e == spans[-1][1] + 1:
+            spans[-1][1] = e
+        else:
+            spans.append([e, e])
+    text = ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in spans)
+    return f"epoch{'s' if len(epochs) > 1 else ''} {text}"
+
+
+def _warn(line: str | None) -> None:
+    """The job's last line when tracking failed under on_error=warn."""
+    if line:
+        print(f"geco: warning: {line}", file=sys.stderr, flush=True)
+
+
 def reported_epochs(result) -> list[int]:
     """Epochs of the checkpoints Ray Train holds for a run, over all attempts (all of them
     with cluster.num_to_keep=0, else the latest num_to_keep)."""
@@ -360,16 +462,19 @@ def train_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
 
     t0 = time.perf_counter()
     name = cfg.cluster.name
-    lineage, parent = _begin(cfg, name, "pipeline")
+    audit = TrackingAudit(cfg.tracking.enabled)
+    lineage, parent = _begin(cfg, name, "pipeline", audit)
     try:
-        cigm_source, cigm_run = _cigm(cfg, cigm, parent, lineage)
+        cigm_source, cigm_run = _cigm(cfg, cigm, parent, lineage, audit)
         cigm_uri = checkpoint_source(cigm_source)
         geco_name = run_name(cfg, "geco")
-        run = open_run(cfg, key=geco_name, run_name=geco_name, parent_run_id=parent.run_id,
-                       tags={"geco.kind": "geco", "geco.cigm_run_id": cigm_run or "",
-                             "geco.cigm_checkpoint": cigm_uri, **lineage})
+        run = audit.watch(open_run(
+            cfg, key=geco_name, run_name=geco_name, parent_run_id=parent.run_id,
+            tags={"geco.kind": "geco", "geco.cigm_run_id": cigm_run or "",
+                  "geco.cigm_checkpoint": cigm_uri, **lineage}))
         with run:
             geco_result = run_stage(cfg, "geco", cigm=cigm_source, mlflow_run_id=run.run_id)
+            audit.stage("geco", stage_reports(geco_result))
             run.set_tags({"geco.checkpoint": checkpoint_uri(geco_result.checkpoint)})
             metrics, model = _evaluate(cfg, geco_result.checkpoint, cigm_source, cfg.to_dict(),
                                        split, run.run_id)
@@ -387,14 +492,18 @@ def train_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
             parent.set_tags({k: v for k, v in gate.items() if k.startswith("gate.")})
         parent.end()
     except BaseException:
-        parent.end("FAILED")
+        parent.end("FAILED")  # never raises: the error that got us here is the one to report
         raise
+    result.update(audit.outcome(model))
     root = f"{storage_path(cfg.cluster.storage_path)}/{geco_name}"
     where = write_text(root, f"metrics_{split}.json", json.dumps(result, indent=2) + "\n")
     print(format_tables(metrics))
     print(f"metrics written to {where}")
     if model.get("version") is not None:
         print_registry_help(cfg, model, result.get("gate", {}))
+    _warn(audit.warning(model, f"start the MLflow server and submit the job again with --name "
+                               f"{name}: Ray Train restores the trained stages, then the model "
+                               "is evaluated and registered"))
     return result
 
 
@@ -502,15 +611,19 @@ def sweep_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
 
     t0 = time.perf_counter()
     name = cfg.cluster.name
-    lineage, parent = _begin(cfg, f"{name}-sweep", "sweep")
+    audit = TrackingAudit(cfg.tracking.enabled)
+    lineage, parent = _begin(cfg, f"{name}-sweep", "sweep", audit)
     metric = f"valid_{cfg.tune.metric}"
     try:
-        cigm_source, _ = _cigm(cfg, cigm, parent, lineage)
+        cigm_source, _ = _cigm(cfg, cigm, parent, lineage, audit)
         cigm_uri = checkpoint_source(cigm_source)
         parent.set_tags({"geco.cigm_checkpoint": cigm_uri})
 
         grid = run_sweep(cfg, cigm_source, parent_run_id=parent.run_id)
-        _close_runs(grid, cfg)
+        for r in grid:  # each trial's last report holds its untracked epochs
+            metrics = r.metrics or {}
+            audit.stage(f"trial {metrics.get('trial_id', '?')}", [metrics])
+        audit.failures.extend(_close_runs(grid, cfg))
         table = summarise(grid, cfg)
         best, row = best_trial(grid, cfg)
         params = {k: float(best.config[k]) for k in cfg.tune.space()}
@@ -534,12 +647,13 @@ def sweep_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
         root = f"{storage_path(cfg.cluster.storage_path)}/{name}-sweep"
         where = write_text(root, "best_config.yaml",
                            yaml.safe_dump(best_cfg.to_dict(), sort_keys=False))
+        result.update(audit.outcome(model))
         write_text(root, "sweep.json", json.dumps(result, indent=2, default=str) + "\n")
         parent.set_tags({"geco.best_config": where,
                          **{f"geco.best.{k}": v for k, v in params.items()}})
         parent.end()
     except BaseException:
-        parent.end("FAILED")
+        parent.end("FAILED")  # never raises: the error that got us here is the one to report
         raise
     print(f"{len(table)} trials, ranked by {metric} (validation):")
     for r in table:
@@ -551,31 +665,48 @@ def sweep_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
     print(format_tables(metrics))
     if model.get("version") is not None:
         print_registry_help(cfg, model, result.get("gate", {}))
+    _warn(audit.warning(model, "start the MLflow server and run the sweep again"))
     return result
 
 
-def _close_runs(grid, cfg: Config) -> None:
+def _close_runs(grid, cfg: Config) -> list[TrackingFailure]:
     """Give every trial's MLflow run its final status: a trial ASHA stopped early never
-    reaches its own `end()` (or is interrupted inside it): KILLED with tag geco.stopped_by."""
+    reaches its own `end()` (or is interrupted inside it): KILLED with tag geco.stopped_by.
+    A tracking failure follows tracking.on_error (warn: returned, the rest skipped)."""
     if not cfg.tracking.enabled:
-        return
-    from geco.tracking import client
+        return []
+    from geco.tracking import client, is_tracking_failure
 
     mlflow_client = client(cfg.tracking.uri)
     for r in grid:
         run_id = (r.metrics or {}).get("mlflow_run_id")
         if not run_id:
             continue
-        epochs = int((r.metrics or {}).get("epoch", 0))
-        if r.error is not None:
-            status = "FAILED"
-        elif epochs < cfg.geco.epochs:
-            status = "KILLED"
-            mlflow_client.set_tag(run_id, "geco.stopped_by", f"asha after epoch {epochs}")
-        else:
-            status = "FINISHED"
-        if mlflow_client.get_run(run_id).info.status != status:
-            mlflow_client.set_terminated(run_id, status)
+        try:
+            _close_run(mlflow_client, run_id, r, cfg)
+        except Exception as e:
+            if not is_tracking_failure(e):
+                raise
+            failure = TrackingFailure.of(f"closing the run {run_id} of a trial", e)
+            if cfg.tracking.on_error != "warn":
+                raise TrackingError(failure.message(cfg.tracking.uri, hint=True)) from e
+            log.warning("%s; the trials' runs keep their status",
+                        failure.message(cfg.tracking.uri, hint=False))
+            return [failure]
+    return []
+
+
+def _close_run(mlflow_client: Any, run_id: str, r: Any, cfg: Config) -> None:
+    epochs = int((r.metrics or {}).get("epoch", 0))
+    if r.error is not None:
+        status = "FAILED"
+    elif epochs < cfg.geco.epochs:
+        status = "KILLED"
+        mlflow_client.set_tag(run_id, "geco.stopped_by", f"asha after epoch {epochs}")
+    else:
+        status = "FINISHED"
+    if mlflow_client.get_run(run_id).info.status != status:
+        mlflow_client.set_terminated(run_id, status)
 
 
 # --- the comparison ---------------------------------------------------------------------------
@@ -588,7 +719,8 @@ def _geco_entry(result: dict[str, Any]) -> dict[str, Any]:
     from geco.compare import MODELS
 
     skip = {"split", "dataset", "epoch", "run", "cigm", "geco_checkpoint", "reported_epochs",
-            "mlflow_run_id", "model", "pipeline_seconds", "gate"}
+            "mlflow_run_id", "model", "pipeline_seconds", "gate", "tracked", "registered",
+            "tracking_failure", "untracked_epochs"}
     return {"label": MODELS["geco"].label,
             "metrics": {k: v for k, v in result.items() if k not in skip},
             "checkpoint": result.get("geco_checkpoint"), "epoch": result.get("epoch"),

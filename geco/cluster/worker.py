@@ -24,8 +24,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from geco.errors import GecoError
-from geco.tracking import Tracker, numeric
+from geco.errors import GecoError, TrackingError
+from geco.tracking import Tracker, TrackingFailure, is_tracking_failure, numeric
 
 if TYPE_CHECKING:  # geco.config composes the cluster sections: imported lazily here
     from geco.config import Config
@@ -137,10 +137,19 @@ def log_epoch(tracker: Tracker | None, metrics: dict[str, Any], last_path: Path)
     if tracker is None:
         return
     epoch = int(metrics["epoch"])
-    tracker.log_metrics(metrics, step=epoch)
+    tracker.log_metrics(metrics, step=epoch, what=f"logging epoch {epoch}")
     grid = last_path.parent / "samples" / f"epoch_{epoch:03d}.png"
     if grid.is_file():
-        tracker.log_artifact(grid, "samples")
+        tracker.log_artifact(grid, "samples", what=f"uploading the template grid of epoch {epoch}")
+
+
+def tracking_report(tracker: Tracker | None, untracked: list[int]) -> dict[str, Any]:
+    """What rank 0 adds to every report so the driver can say what MLflow missed: the epochs
+    of this attempt that were not logged ("2,3") and the tracker's first failure."""
+    out: dict[str, Any] = {"mlflow_untracked": ",".join(str(e) for e in untracked)}
+    if tracker is not None and tracker.failure is not None:
+        out.update(tracker.failure.fields())
+    return out
 
 
 # --- the training worker ----------------------------------------------------------------------
@@ -184,7 +193,7 @@ def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
             generator = fetch_generator(job["cigm"], work)
             cfg.geco.cigm_checkpoint = str(job.get("cigm_uri") or generator)
         stage = make_stage(name, cfg, rt, work, generator=generator)
-        tracker, logged = None, set()
+        tracker, logged, untracked = None, set(), []
         if rank == 0:
             save_config(cfg, work / name / "config.yaml")
             tracker = Tracker.attach(cfg.tracking, job.get("mlflow_run_id"))
@@ -210,8 +219,12 @@ def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
             if rank != 0:
                 report(metrics, checkpoint=None)
                 return
-            if int(record["epoch"]) not in logged:
+            epoch = int(record["epoch"])
+            if epoch not in logged:
                 log_epoch(tracker, metrics, last_path)
+                if not tracker.enabled:  # no run, or tracking failed (on_error=warn)
+                    untracked.append(epoch)
+            metrics.update(tracking_report(tracker, untracked))
             with tempfile.TemporaryDirectory(prefix="geco-ckpt-") as d:
                 pack(last_path.parent, Path(d) / name)
                 report(metrics, checkpoint=checkpoint_cls.from_directory(d))
@@ -329,14 +342,37 @@ def finalize(geco_checkpoint: Any, cigm_source: Any, config: dict[str, Any], spl
         ev = evaluate_checkpoint(cfg, path, split, data, generator=generator)
         out = {"split": split, "dataset": ev["dataset"], "epoch": ev["epoch"], **ev["metrics"],
                "eval_node": ray_node_id()}
-        existing = registered_version(cfg, mlflow_run_id)
-        if existing is not None:  # a resubmitted, already finished job: register nothing new
-            out["model"] = {"version": existing, "existing": True}
-        elif mlflow_run_id and cfg.tracking.enabled:
-            out["model"] = _register(cfg, ev, path, generator, data, split, work, mlflow_run_id)
+        if mlflow_run_id and cfg.tracking.enabled:
+            out["model"] = _registered(cfg, mlflow_run_id, lambda: _register(
+                cfg, ev, path, generator, data, split, work, mlflow_run_id))
         return out
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def _registered(cfg: Config, run_id: str, register: Callable[[], dict[str, Any]]
+                ) -> dict[str, Any]:
+    """The model registered from `run_id`: the version made before (a resubmitted, finished
+    job registers nothing new), else `register()`'s. A tracking failure on the way follows
+    tracking.on_error: TrackingError, or a warning and {"failure": ...} for the summary."""
+    try:
+        existing = registered_version(cfg, run_id)
+        if existing is not None:
+            return {"version": existing, "existing": True}
+        return register()
+    except GecoError:
+        raise
+    except Exception as e:
+        if not is_tracking_failure(e):
+            raise
+        from geco.tracking import resolve_uri
+
+        failure = TrackingFailure.of(f"registering the model of run {run_id}", e)
+        uri = resolve_uri(cfg.tracking)
+        if cfg.tracking.on_error != "warn":
+            raise TrackingError(failure.message(uri, hint=True)) from e
+        log.warning("%s; the model is not registered", failure.message(uri, hint=False))
+        return {"failure": failure.fields()}
 
 
 def registered_version(cfg: Config, run_id: str | None) -> int | None:
