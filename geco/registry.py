@@ -212,9 +212,13 @@ def log_retriever(run_id: str, *, tracking_uri: str, geco_checkpoint: str | Path
 def _version(client: Any, name: str, version: int | str):
     from mlflow.exceptions import MlflowException
 
+    from geco.tracking import is_unreachable
+
     try:
         return client.get_model_version(name, str(version))
-    except MlflowException:
+    except MlflowException as exc:
+        if is_unreachable(exc):  # no answer is not "no such version"
+            raise
         known = _versions(client, name)
         raise GecoError(f"registered model {name!r} has no version {version} "
                         f"(versions: {', '.join(map(str, known)) or 'none'})") from None
@@ -223,9 +227,13 @@ def _version(client: Any, name: str, version: int | str):
 def _versions(client: Any, name: str) -> list[int]:
     from mlflow.exceptions import MlflowException
 
+    from geco.tracking import is_unreachable
+
     try:
         found = client.search_model_versions(f"name = '{name}'")
-    except MlflowException:
+    except MlflowException as exc:
+        if is_unreachable(exc):
+            raise
         return []
     return sorted(int(mv.version) for mv in found)
 
@@ -233,9 +241,13 @@ def _versions(client: Any, name: str) -> list[int]:
 def _alias(client: Any, name: str, alias: str):
     from mlflow.exceptions import MlflowException
 
+    from geco.tracking import is_unreachable
+
     try:
         return client.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as exc:
+        if is_unreachable(exc):  # an unanswered question is not "no champion"
+            raise
         return None
 
 

@@ -146,6 +146,11 @@ def _network_error(exc: BaseException) -> BaseException | None:
     return [e for e in chain if isinstance(e, OSError)][-1]
 
 
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether `exc` is a connection failure (as opposed to an answer from the server)."""
+    return _network_error(exc) is not None
+
+
 def is_tracking_failure(exc: BaseException) -> bool:
     """Whether `exc` comes from MLflow or the network (and so follows tracking.on_error)."""
     if _network_error(exc) is not None:

@@ -276,3 +276,21 @@ def test_warn_server_lost_mid_run_ends_with_a_not_tracked_not_registered_summary
         assert got["tracked"] is False and got["registered"] is False
         assert got["untracked_epochs"] == {"cigm": [2, 3], "geco": [1]}
         assert got["tracking_failure"].startswith(f"while logging epoch 2 of run {runs['cigm']}")
+
+
+@pytest.mark.parametrize("on_error", ["fail", "warn"])
+def test_a_server_lost_before_the_gate_leaves_the_version_registered_and_named(
+        on_error: str, caplog: pytest.LogCaptureFixture) -> None:
+    from geco.config import load_config
+
+    cfg = load_config(None, [f"tracking.uri={_dead_uri()}", f"tracking.on_error={on_error}"])
+    model = {"version": 3}
+    if on_error == "fail":
+        with pytest.raises(TrackingError, match="unreachable while gating geco-retriever "
+                                                "version 3.*promote.py promote --version 3"):
+            driver._gate(cfg, model)
+        return
+    gate = driver._gate(cfg, model)
+    assert gate is not None and gate["gate.decision"] == "not gated"
+    assert "Connection refused" in gate["gate.reason"]
+    assert any("not gated" in r.getMessage() for r in caplog.records)

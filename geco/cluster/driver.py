@@ -282,9 +282,24 @@ def _gate(cfg: Config, model: dict[str, Any]) -> dict[str, Any] | None:
     if model.get("version") is None:
         return None
     from geco.registry import promote
+    from geco.tracking import is_tracking_failure
 
-    return promote(tr.uri, tr.registered_model, model["version"], metric=tr.gate_metric,
-                   margin=tr.gate_margin)
+    try:
+        return promote(tr.uri, tr.registered_model, model["version"], metric=tr.gate_metric,
+                       margin=tr.gate_margin)
+    except Exception as exc:
+        if isinstance(exc, GecoError) or not is_tracking_failure(exc):
+            raise
+        # The version is registered; only the decision is missing: `promote.py promote`
+        # takes it later. Under on_error=warn the job still ends as trained and registered.
+        failure = TrackingFailure.of(f"gating {tr.registered_model} version "
+                                     f"{model['version']}", exc)
+        text = (f"{failure.message(tr.uri, hint=False)}; the version is registered but not "
+                f"gated: python ray_jobs/promote.py promote --version {model['version']}")
+        if tr.on_error == "fail":
+            raise TrackingError(text) from exc
+        log.warning("%s", text)
+        return {"gate.decision": "not gated", "gate.reason": failure.cause}
 
 
 def explain_failure(exc: BaseException) -> GecoError:
