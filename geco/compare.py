@@ -323,22 +323,21 @@ def log_comparison(tracker, result: dict[str, Any]) -> None:
 
 
 def _log_pngs(run, folder: str) -> None:
-    """The PNGs of a folder, local or s3:// (a Ray task's grids), as artifacts `samples/`."""
+    """A model's template grids (epoch_NNN.png in a folder, local or s3:// for a Ray task's)
+    as the image "templates" at step NNN."""
+    import re
     import tempfile
 
     from geco.data.storage import Storage
 
     store = Storage(folder)
-    names = [n for n in store.list() if n.endswith(".png") and "/" not in n]
-    if store.local_root is not None:
-        for name in names:
-            run.log_artifact(store.local_root / name, "samples")
-        return
+    grids = {n: int(m.group(1)) for n in store.list() if (m := re.fullmatch(r"epoch_(\d+)\.png", n))}
     with tempfile.TemporaryDirectory(prefix="geco-grids-") as tmp:
-        for name in names:
-            path = Path(tmp) / name
-            path.write_bytes(store.get_bytes(name))
-            run.log_artifact(path, "samples")
+        for name, epoch in sorted(grids.items(), key=lambda kv: kv[1]):
+            path = store.local_root / name if store.local_root is not None else Path(tmp) / name
+            if store.local_root is None:
+                path.write_bytes(store.get_bytes(name))
+            run.log_image(path, "templates", epoch)
 
 
 # --------------------------------------------------------------------------- outputs

@@ -15,6 +15,7 @@ FAILED or KILLED never raises: the error that ended it is the one to report.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import numbers
@@ -208,14 +209,18 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         raise TrackingError(f"MLflow tracking server at {uri} is not reachable: {reason}") from e
 
 
-def _http_defaults() -> None:
-    # MLflow retries a failed request 7 times with exponential backoff and waits up to 120 s per
-    # request: a server that dies mid-run would stall every log call for many minutes. Retry
-    # once and wait at most 60 s instead (users can still override both in the environment):
-    # 10 s was too short for a model's artifacts (a 45 MB ResNet checkpoint proxied into S3)
-    # on a busy node.
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+def _dataset_source(source: str) -> Any:
+    """An mlflow.data source for a shard location or dataset folder (S3 or local artifact
+    source, as MLflow resolves the URI)."""
+    import warnings
+
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    if "://" not in source:
+        source = str(Path(source).expanduser().resolve())
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": both are local
+        warnings.simplefilter("ignore")
+        return resolve_dataset_source(source)
 
 
 def flatten_config(config: Mapping[str, Any], prefix: str = "") -> Iterator[tuple[str, str]]:
@@ -247,6 +252,7 @@ class Tracker:
         self._owned = owned
         self._ended = self.run_id is None
         self.failure: TrackingFailure | None = None  # the first, in either on_error mode
+        self._pending: list[Any] = []  # asynchronous log calls not yet known to have landed
 
     @property
     def enabled(self) -> bool:
@@ -341,13 +347,14 @@ class Tracker:
 
     # -- logging ------------------------------------------------------------------------------
 
-    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> None:
+    def _call(self, what: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
         """Run one client call under the on_error policy; `what` says what it does ("logging
-        epoch 2"), for the message naming the failure."""
+        epoch 2"), for the message naming the failure. Returns the call's result (None if it
+        failed under warn)."""
         if not self.enabled:
-            return
+            return None
         try:
-            fn(*args, **kwargs)
+            return fn(*args, **kwargs)
         except Exception as e:  # noqa: BLE001 - network, server and store errors alike
             failure = TrackingFailure.of(f"{what} of run {self.run_id}", e)
             self.failure = self.failure or failure
@@ -356,6 +363,7 @@ class Tracker:
             log.warning("%s; tracking disabled for the rest of this run",
                         failure.message(self.uri, hint=False))
             self._degrade()
+            return None
 
     def _degrade(self) -> None:
         self._client = None
@@ -373,18 +381,68 @@ class Tracker:
         self._call("logging params", self._client.log_batch, self.run_id, params=params)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None, *,
-                    what: str = "") -> None:
+                    what: str = "", synchronous: bool = True) -> None:
         """Log the numeric values of `metrics` at `step` (others are ignored); `what` names
-        them in a failure ("logging epoch 2"; default: "logging metrics at step N")."""
+        them in a failure ("logging epoch 2"; default: "logging metrics at step N").
+
+        synchronous=False queues the batch in MLflow's asynchronous logger (training steps:
+        the loop does not wait on the server); `flush` waits for what is queued and reports
+        a failure under the on_error policy."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         batch = [Metric(k, v, now, step or 0) for k, v in numeric(metrics).items()]
-        if batch:
-            self._call(what or f"logging metrics at step {step or 0}", self._client.log_batch,
-                       self.run_id, metrics=batch)
+        if not batch:
+            return
+        what = what or f"logging metrics at step {step or 0}"
+        if synchronous:
+            self._call(what, self._client.log_batch, self.run_id, metrics=batch)
+            return
+        ops = self._call(what, self._client.log_batch, self.run_id, metrics=batch,
+                         synchronous=False)
+        if ops is not None:
+            self._pending.append((what, ops))
+
+    def flush(self) -> None:
+        """Wait for the asynchronous log calls; the first that failed follows on_error."""
+        pending, self._pending = self._pending, []
+        for what, ops in pending:
+            self._call(what, ops.wait)
+
+    def log_image(self, path: str | Path, key: str, step: int, *, what: str = "") -> None:
+        """A picture as an MLflow image with a step (the run page's image slider), e.g. the
+        template grid of each epoch under key "templates"."""
+        if not self.enabled:
+            return
+        from PIL import Image
+
+        with Image.open(path) as im:
+            image = im.convert("RGB")
+        self._call(what or f"logging image {key} at step {step}", self._client.log_image,
+                   self.run_id, image, key=key, step=int(step))
+
+    def log_dataset(self, *, name: str, source: str, digest: str, context: str,
+                    schema: Mapping[str, Any] | None = None) -> None:
+        """A dataset input of the run (the run page's Datasets panel and `mlflow.data`
+        lineage): `source` where it lives (an s3:// prefix, a folder), `digest` what it held
+        (geco: the shard manifest's sha256), `context` how the run used it (training,
+        evaluation)."""
+        if not self.enabled:
+            return
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        def log() -> None:
+            data_source = _dataset_source(source)
+            entity = Dataset(name=name, digest=digest[:36],
+                             source_type=data_source._get_source_type(),
+                             source=data_source.to_json(),
+                             profile=json.dumps(dict(schema or {}), sort_keys=True))
+            self._client.log_inputs(self.run_id, datasets=[DatasetInput(
+                entity, tags=[InputTag("mlflow.data.context", context)])])
+
+        self._call(f"logging dataset {name}", log)
 
     def logged_steps(self, key: str) -> set[int]:
         """The steps at which metric `key` was logged in this run (empty when disabled)."""
@@ -419,6 +477,7 @@ class Tracker:
         if not self.enabled:
             return
         try:
+            self.flush()
             if self._owned:
                 self._call(f"ending the run as {status}", self._client.set_terminated,
                            self.run_id, status)
@@ -444,8 +503,6 @@ def client(uri: str | None) -> Any:
             "MLflow tracking is enabled but mlflow is not installed: "
             "pip install -e '.[orchestration]' or set tracking.enabled=false"
         ) from e
-    if uri and _is_http(uri):
-        _http_defaults()
     return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 

@@ -18,6 +18,12 @@ SMALL_SPEC = SynthSpec(
 )
 
 
+# MLflow's client settings for the test servers, as infra/local/mlflow.sh sets them for the
+# local stack (geco leaves them to MLflow): one retry, 60 s. Inherited by every process the
+# tests start, Ray nodes included; tests that stop a server mid-run fail in seconds.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+
 # Under pytest-xdist every worker gets its share of the cores: torch's default (one thread per
 # core in every process) would oversubscribe the CPU.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):

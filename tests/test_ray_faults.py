@@ -88,6 +88,18 @@ def test_lost_node_mid_epoch_resumes_on_the_survivors(ray_cluster, s3_env, mlflo
                                       filter_string="tags.`geco.run_key` = 'lost-geco'")[0]
         steps = [m.step for m in client.get_metric_history(geco_run.info.run_id, "epoch")]
         assert sorted(steps) == [1, 2], steps
+        # What the run page shows besides: step-level curves, each epoch's template grid as
+        # an image with its step, both ranks' system metrics, the shards as dataset inputs.
+        data = client.get_run(geco_run.info.run_id).data.metrics
+        assert "step/loss" in data and "step/samples_per_s" in data
+        assert {"system/rank0/cpu_utilization_percentage",
+                "system/rank1/cpu_utilization_percentage"} <= set(data), sorted(data)
+        images = [a.path for a in client.list_artifacts(geco_run.info.run_id, "images")]
+        assert {int(i.split("+step+")[1].split("+")[0]) for i in images} == {1, 2}, images
+        inputs = client.get_run(geco_run.info.run_id).inputs.dataset_inputs
+        assert sorted(d.dataset.name for d in inputs) == \
+            ["ray-loss/test", "ray-loss/train", "ray-loss/valid"]
+        assert {d.dataset.source_type for d in inputs} == {"s3"}
 
         # The interrupted run ends where the uninterrupted one does, to the bit: the restarted
         # group resumed epoch 2 with the RNG streams, data order and state of the first.

@@ -14,6 +14,7 @@ tests/test_ray_faults.py.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -101,6 +102,14 @@ def test_ray_job_trains_both_stages_from_s3_to_the_learning_bar(ray_cluster, s3_
             placed = [nodes[n]["name"] for n in r["rank_nodes"].split(",")]
             assert len(set(placed)) == 2 and "head" not in placed, (stage, placed)
         assert all(r["samples"] == 2 * 288 for r in results)  # every pair once per epoch
+
+    # geco logs through Ray Train's own handlers: its lines are in the workers' application
+    # log files (logs/train/ray-train-app-worker-*.log, JSON lines), not only on stdout.
+    temp = Path(f"/tmp/geco-ray-{os.getuid()}-{ray_cluster.gcs_port}")  # infra/local/ray.sh
+    app_logs = list(temp.parent.glob(f"{temp.name}*/session_*/logs/train/"
+                                     "ray-train-app-worker-*.log"))
+    assert any("[geco] epoch 5/5 done" in f.read_text(errors="replace") for f in app_logs), \
+        [f.name for f in app_logs]
 
 
 def test_missing_shards_fail_in_the_driver_by_name(ray_cluster, s3_env, tmp_path):

@@ -84,8 +84,10 @@ def test_sweep_tracks_every_trial_registers_the_best_and_serves_it(
         assert "geco.alpha" in t.data.params and "valid_auc_1vs1" in t.data.metrics
         history = client.get_metric_history(t.info.run_id, "valid_auc_1vs1")
         assert [m.step for m in history] == list(range(1, len(history) + 1))
-        grids = client.list_artifacts(t.info.run_id, "samples")
-        assert grids and all(g.path.endswith(".png") for g in grids)
+        grids = [a.path for a in client.list_artifacts(t.info.run_id, "images")
+                 if a.path.endswith(".png")]  # the template grid of each epoch, with its step
+        assert sorted(int(g.split("+step+")[1].split("+")[0]) for g in grids) == \
+            [m.step for m in history], grids
     assert "test_auc_1vs1" in parent.data.metrics
     assert parent.data.tags["geco.manifest_sha256"]
     # The PNGs really live in the S3 bucket (artifacts proxied by the server).

@@ -49,6 +49,12 @@ def _round_trip(cfg: TrackingConfig, tmp_path: Path) -> tuple[str, list[str]]:
                     for step in range(3):
                         child.log_metrics({"loss": 1.0 / (step + 1), "note": "n/a"}, step=step)
                     child.log_artifact(png, "samples")
+                    for epoch in (1, 2):  # an image with steps: the UI's slider over epochs
+                        child.log_image(png, "templates", epoch)
+                    child.log_metrics({"step/loss": 2.0}, step=7, synchronous=False)
+                    child.log_dataset(name="shards/train", source="s3://bucket/shards",
+                                      digest="d1g3st", context="training",
+                                      schema={"split": "train"})
                     child.set_tags({"trial": str(i)})
                     if i == 1:
                         raise RuntimeError("trial diverged")
@@ -80,6 +86,16 @@ def _check_round_trip(client, parent_id: str, children: list[str]) -> None:
         assert [(m.step, round(m.value, 4)) for m in history] == [(0, 1.0), (1, 0.5), (2, 0.3333)]
         assert "note" not in run.data.metrics
         assert [a.path for a in client.list_artifacts(run_id, "samples")] == ["samples/sample.png"]
+        images = [a.path for a in client.list_artifacts(run_id, "images")]
+        assert [any(f"templates+step+{e}+" in p and p.endswith(".png") for p in images)
+                for e in (1, 2)] == [True, True], images
+        # The asynchronous step metric landed before the run ended (end() flushes).
+        assert [(m.step, m.value) for m in client.get_metric_history(run_id, "step/loss")] == \
+            [(7, 2.0)]
+        (data,) = run.inputs.dataset_inputs
+        assert (data.dataset.name, data.dataset.digest, data.dataset.source_type) == \
+            ("shards/train", "d1g3st", "s3")
+        assert [(t.key, t.value) for t in data.tags] == [("mlflow.data.context", "training")]
     assert statuses == ["FINISHED", "FAILED"]
 
 

@@ -227,7 +227,34 @@ def open_run(cfg: Config, *, key: str, run_name: str, parent_run_id: str | None 
         cfg.tracking, key=key, run_name=run_name, parent_run_id=parent_run_id, tags=tags)
     if created:
         tracker.log_config(cfg.to_dict())
+        if tags and "geco.shards" in tags:
+            log_datasets(tracker, tags, DATASET_SPLITS.get(tags.get("geco.kind", ""), ()))
     return tracker
+
+
+# The splits each kind of run reads, and how MLflow's dataset panel names their use.
+DATASET_SPLITS = {
+    "pipeline": (("train", "training"), ("valid", "validation"), ("test", "evaluation")),
+    "cigm": (("train", "training"), ("valid", "validation")),
+    "geco": (("train", "training"), ("valid", "validation"), ("test", "evaluation")),
+    "sweep": (("train", "training"), ("valid", "validation"), ("test", "evaluation")),
+    "compare": (("train", "training"), ("test", "evaluation")),
+}
+
+
+def log_datasets(tracker: Tracker, lineage: dict[str, str],
+                 splits: tuple[tuple[str, str], ...]) -> None:
+    """The run's data as MLflow dataset inputs: one per split, sourced at the shards' prefix
+    (or the dataset folder), the manifest's sha256 as digest (shared by all splits of one
+    manifest: they change together)."""
+    import hashlib
+
+    where = lineage["geco.shards"]
+    digest = lineage.get("geco.manifest_sha256") or hashlib.sha256(where.encode()).hexdigest()
+    base = where.rstrip("/").rsplit("/", 1)[-1] or where
+    for split, context in splits:
+        tracker.log_dataset(name=f"{base}/{split}", source=where, digest=digest,
+                            context=context, schema={"split": split, "location": where})
 
 
 def _begin(cfg: Config, key: str, kind: str, audit: TrackingAudit

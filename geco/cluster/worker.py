@@ -133,14 +133,25 @@ def param_digest(modules) -> str:
 
 
 def log_epoch(tracker: Tracker | None, metrics: dict[str, Any], last_path: Path) -> None:
-    """One epoch into MLflow: its metrics at step=epoch and its template grid as a PNG."""
+    """One epoch into MLflow: its metrics at step=epoch and its template grid as the image
+    "templates" at step=epoch."""
     if tracker is None:
         return
     epoch = int(metrics["epoch"])
+    tracker.flush()  # the epoch's step metrics, queued asynchronously
     tracker.log_metrics(metrics, step=epoch, what=f"logging epoch {epoch}")
     grid = last_path.parent / "samples" / f"epoch_{epoch:03d}.png"
-    if grid.is_file():
-        tracker.log_artifact(grid, "samples", what=f"uploading the template grid of epoch {epoch}")
+    if grid.is_file():  # an image with a step: the run page slides through the epochs
+        tracker.log_image(grid, "templates", epoch,
+                          what=f"logging the template grid of epoch {epoch}")
+
+
+def log_step(tracker: Tracker | None, step: int, values: dict[str, float]) -> None:
+    """A progress line's values as step metrics ("step/loss", "step/samples_per_s", ...),
+    queued without waiting for the server."""
+    if tracker is not None:
+        tracker.log_metrics({f"step/{k}": v for k, v in values.items()}, step=step,
+                            what=f"logging training step {step}", synchronous=False)
 
 
 def tracking_report(tracker: Tracker | None, untracked: list[int]) -> dict[str, Any]:
@@ -181,8 +192,9 @@ def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
 
     name: str = job["stage"]
     cfg = config_from_dict(job["config"])
-    setup_logging(rank, force=True)
+    setup_logging(rank)
     work = Path(tempfile.mkdtemp(prefix=f"geco-{name}-rank{rank}-"))
+    monitor = system_metrics(cfg.tracking, job.get("mlflow_run_id"), rank)
     try:
         if restored is not None:
             unpack(restored, name, work)
@@ -229,9 +241,37 @@ def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
                 pack(last_path.parent, Path(d) / name)
                 report(metrics, checkpoint=checkpoint_cls.from_directory(d))
 
-        fit(stage, rt, work, resume=True, on_epoch_end=on_epoch_end)
+        fit(stage, rt, work, resume=True, on_epoch_end=on_epoch_end,
+            on_step=lambda step, values: log_step(tracker, step, values))
     finally:
+        if monitor is not None:
+            monitor.finish()
         shutil.rmtree(work, ignore_errors=True)
+
+
+def system_metrics(cfg: Any, run_id: str | None, rank: int) -> Any:
+    """MLflow's system metrics monitor for this rank, started: CPU, memory, disk, network
+    (and GPU when nvidia-ml-py finds one) every 10 s as "system/rank<N>/..." in the stage's
+    run; None when tracking is off or psutil is missing. Best effort by design: a monitor
+    that cannot log stops itself with a warning and never stops training."""
+    if not (cfg.enabled and run_id):
+        return None
+    try:
+        import psutil  # noqa: F401 - what mlflow.system_metrics samples with
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+    except ImportError as exc:
+        log.warning("no system metrics in MLflow: %s (pip install psutil)", exc)
+        return None
+    from geco.tracking import resolve_uri
+
+    try:
+        monitor = SystemMetricsMonitor(run_id, node_id=f"rank{rank}", resume_logging=True,
+                                       tracking_uri=resolve_uri(cfg))
+        monitor.start()
+    except Exception as exc:  # noqa: BLE001 - the epochs' own tracking reports real failures
+        log.warning("no system metrics in MLflow for rank %d: %s", rank, exc)
+        return None
+    return monitor
 
 
 def rank_batch(global_batch: int, world: int, key: str) -> int:
@@ -330,7 +370,7 @@ def finalize(geco_checkpoint: Any, cigm_source: Any, config: dict[str, Any], spl
     from geco.data.source import open_data
     from geco.evaluate import evaluate_checkpoint
 
-    setup_logging(0, force=True)
+    setup_logging(0)
     cfg = config_from_dict(config)
     work = Path(tempfile.mkdtemp(prefix="geco-final-"))
     try:
@@ -438,7 +478,7 @@ def baseline_task(name: str, config: dict[str, Any], split: str, root: str) -> d
     from geco.data.source import open_data
     from geco.data.storage import Storage
 
-    setup_logging(0, force=True)
+    setup_logging(0)
     cfg = config_from_dict(config)
     store = Storage(root)
     work = Path(tempfile.mkdtemp(prefix=f"geco-compare-{name}-"))
@@ -479,7 +519,7 @@ def catalogue_task(checkpoint: bytes, unit: Any, *, batch_size: int, on_bad: str
     from geco import setup_logging
     from geco.catalogue import embed_unit, load_embedder
 
-    setup_logging(0, force=True)
+    setup_logging(0)
     key = hashlib.sha256(checkpoint).hexdigest()
     if key not in _EMBEDDERS:
         _EMBEDDERS.clear()

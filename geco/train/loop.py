@@ -123,7 +123,10 @@ class Progress:
         self.sums: dict[str, float] = {}
         self.count = 0
 
-    def update(self, step: int, n: int, data_time: float, parts: dict[str, float]) -> None:
+    def update(self, step: int, n: int, data_time: float, parts: dict[str, float]
+               ) -> dict[str, float] | None:
+        """Count a step; on rank 0 every `every` steps log a line and return what it says
+        (the step's losses, samples/s over the window, data-wait share), else None."""
         self.samples += n
         self.window_samples += n
         self.data_time += data_time
@@ -136,12 +139,15 @@ class Progress:
             elapsed = now - self.start
             eta = elapsed / step * (self.steps - step)
             loss = " ".join(f"{k}={v:.4f}" for k, v in parts.items())
+            data_share = self.data_time / max(elapsed, 1e-9)
             log.info(
                 "[%s] epoch %d/%d step %d/%d %s | %.1f samples/s | data %.0f%% | eta %s",
                 self.name, self.epoch + 1, self.epochs, step, self.steps, loss, rate,
-                100 * self.data_time / max(elapsed, 1e-9), _fmt_seconds(eta),
+                100 * data_share, _fmt_seconds(eta),
             )
             self.last, self.window_samples = now, 0
+            return {**parts, "samples_per_s": rate, "data_wait": data_share}
+        return None
 
     def means(self) -> dict[str, float]:
         return {k: v / max(self.count, 1) for k, v in self.sums.items()}
@@ -175,6 +181,7 @@ def fit(
     *,
     resume: bool = True,
     on_epoch_end: Callable[[dict[str, Any], Path], None] | None = None,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
 ) -> dict[str, Any]:
     """Train `stage` for its epochs into <run_dir>/<stage.name>/; returns the summary: history,
     best epoch, checkpoint paths, the epoch it resumed after (0 = from scratch) and how many
@@ -182,6 +189,8 @@ def fit(
 
     `on_epoch_end(record, last_checkpoint)` runs on every rank after rank 0 has written the
     epoch's checkpoint; an orchestrator (Ray Train, Tune, a compare task) uses it to report.
+    `on_step(global_step, values)` runs on rank 0 with each progress line's values (every
+    runtime.log_every steps): step-level training curves.
     """
     out = run_dir / stage.name
     last_path, best_path = out / "last.pt", out / "best.pt"
@@ -247,7 +256,9 @@ def fit(
                 data_time = time.perf_counter() - t_data
                 parts = stage.train_step(batch)
                 n = int(next(v for v in batch.values() if torch.is_tensor(v)).shape[0])
-                progress.update(step, n, data_time, parts)
+                line = progress.update(step, n, data_time, parts)
+                if line is not None and on_step is not None:
+                    on_step(epoch * steps + step, line)
                 t_data = time.perf_counter()
 
         train_means = progress.means()

@@ -9,7 +9,8 @@
 # (`env`/`status`/`stop` remember the port of the last start). Artifacts go to
 # $GECO_MLFLOW_ARTIFACTS, default s3://geco/mlflow; without the S3 credentials file that s3.sh
 # writes (DIR/s3/aws-credentials) the default falls back to the folder DIR/mlflow/artifacts.
-# `eval "$(infra/local/mlflow.sh env)"` sets MLFLOW_TRACKING_URI for geco and the mlflow CLI.
+# `eval "$(infra/local/mlflow.sh env)"` sets MLFLOW_TRACKING_URI for geco and the mlflow CLI
+# (and MLflow's HTTP retry/timeout settings for this stack).
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -156,6 +157,11 @@ cmd_status() {
 
 cmd_env() {
     echo "export MLFLOW_TRACKING_URI=http://127.0.0.1:$(mlflow_port)"
+    # MLflow's own client settings, for this local stack: retry a failed request once and
+    # wait at most 60 s (its defaults, 7 retries with backoff and 120 s, stall a job for
+    # minutes when the server is gone). A caller's own values win.
+    echo "export MLFLOW_HTTP_REQUEST_MAX_RETRIES=${MLFLOW_HTTP_REQUEST_MAX_RETRIES:-1}"
+    echo "export MLFLOW_HTTP_REQUEST_TIMEOUT=${MLFLOW_HTTP_REQUEST_TIMEOUT:-60}"
 }
 
 case "$CMD" in

