@@ -12,6 +12,7 @@ import os
 import stat
 import subprocess
 import tarfile
+import threading
 import uuid
 from pathlib import Path
 
@@ -23,6 +24,8 @@ from geco.data.storage import (
     is_s3,
     parse_s3_url,
     register_webdataset_s3,
+    retry_policy,
+    s3_client,
 )
 from tests.s3_server import S3_SH, S3Server, free_port
 
@@ -117,6 +120,43 @@ def test_sync_dir_rejects_missing_dir(store: Storage, tmp_path: Path):
         store.sync_dir(tmp_path / "absent")
 
 
+def _tree(root: Path, n: int) -> Path:
+    for i in range(n):
+        write(root / f"train-{i:06d}.tar", bytes([i]) * (100 + i))
+    return root
+
+
+def test_sync_dir_uploads_concurrently(tmp_path: Path, monkeypatch):
+    # Two uploads must be in flight at once to pass the barrier; one at a time would time out.
+    store = Storage(str(tmp_path / "store"))
+    barrier, put = threading.Barrier(2, timeout=10), store.put_file
+
+    def put_together(local, name, **kw):
+        barrier.wait()
+        return put(local, name, **kw)
+
+    monkeypatch.setattr(store, "put_file", put_together)
+    assert store.sync_dir(_tree(tmp_path / "src", 4)) == {
+        "transferred": 4, "skipped": 0, "bytes": 100 + 101 + 102 + 103}
+
+
+def test_sync_dir_stops_at_the_first_error_and_names_it(tmp_path: Path, monkeypatch):
+    store = Storage(str(tmp_path / "store"))
+    started: list[str] = []
+    put = store.put_file
+
+    def failing_put(local, name, **kw):
+        started.append(name)
+        if name == "train-000002.tar":
+            raise StorageError(f"upload to {store.url(name)} failed: disk on fire")
+        return put(local, name, **kw)
+
+    monkeypatch.setattr(store, "put_file", failing_put)
+    with pytest.raises(StorageError, match=r"train-000002\.tar failed: disk on fire"):
+        store.sync_dir(_tree(tmp_path / "src", 40), threads=2)
+    assert len(started) < 40  # the uploads not yet started never start
+
+
 def test_local_writes_are_atomic(tmp_path: Path):
     store = Storage(str(tmp_path / "st"))
     store.put_bytes(b"x" * 10, "d/f.bin")
@@ -172,10 +212,63 @@ def test_missing_bucket(s3_env: S3Server, tmp_path: Path):
         assert f"bucket 'no-such-bucket-geco' does not exist at {s3_env.endpoint}" in str(e.value)
 
 
+@pytest.fixture
+def aws_env(monkeypatch, tmp_path: Path) -> Path:
+    """An AWS environment of our own (endpoint: a closed loopback port, a config file in
+    tmp_path, returned): no developer setting leaks in."""
+    for key in ("AWS_MAX_ATTEMPTS", "AWS_RETRY_MODE", "AWS_PROFILE", "AWS_DEFAULTS_MODE",
+                "AWS_ENDPOINT_URL_S3", "GECO_S3_MAX_ATTEMPTS"):
+        monkeypatch.delenv(key, raising=False)
+    config = tmp_path / "aws-config"
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(config))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-credentials"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "geco-test-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "geco-test-secret")
+    return config
+
+
+def _retries() -> tuple[dict, tuple[int, str]]:
+    return s3_client().meta.config.retries, retry_policy()
+
+
+def test_standard_aws_retry_settings_win(aws_env: Path, monkeypatch):
+    # Nothing standard set: geco's defaults.
+    assert _retries() == ({"total_max_attempts": 5, "mode": "standard"}, (5, "standard"))
+    # The standard variables, as botocore resolves them (its default mode is standard).
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert _retries() == ({"total_max_attempts": 2, "mode": "standard"}, (2, "standard"))
+    monkeypatch.setenv("AWS_RETRY_MODE", "legacy")
+    assert _retries() == ({"total_max_attempts": 2, "mode": "legacy"}, (2, "legacy"))
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS")
+    assert _retries() == ({"mode": "legacy"}, (5, "legacy"))  # legacy's own 5 attempts
+    monkeypatch.delenv("AWS_RETRY_MODE")
+    # The profile's settings in the AWS config file.
+    aws_env.write_text("[default]\nmax_attempts = 7\n[profile slow]\nretry_mode = adaptive\n")
+    assert _retries() == ({"total_max_attempts": 7, "mode": "standard"}, (7, "standard"))
+    monkeypatch.setenv("AWS_PROFILE", "slow")
+    assert _retries() == ({"mode": "adaptive"}, (3, "adaptive"))  # botocore's 3 attempts
+    # The retired geco variable overrides nothing.
+    monkeypatch.setenv("GECO_S3_MAX_ATTEMPTS", "9")
+    assert _retries() == ({"mode": "adaptive"}, (3, "adaptive"))
+
+
+def test_aws_max_attempts_is_honoured(aws_env: Path, monkeypatch):
+    """Counted on the wire: every attempt against a closed port is one request sent."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    store = Storage("s3://bucket/p")
+    sent = []
+    store.client.meta.events.register("before-send.s3", lambda **kw: sent.append(1))
+    with pytest.raises(StorageError, match="cannot reach S3 endpoint http://127.0.0.1:"):
+        store.get_bytes("k")
+    assert len(sent) == 2
+
+
 @pytest.mark.integration
 def test_unreachable_endpoint(s3_env: S3Server, monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
-    monkeypatch.setenv("GECO_S3_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(StorageError, match="cannot reach S3 endpoint http://127.0.0.1:") as e:
         Storage(f"s3://{s3_env.bucket}/p").get_bytes("k")
     assert f"s3://{s3_env.bucket}/p/k" in str(e.value)

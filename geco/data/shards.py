@@ -12,10 +12,11 @@ Layout of an output folder (local, or uploaded as is to s3://bucket/prefix):
 Sample keys are zero-padded positions (row index, or catalogue position), never item ids: ids
 may contain dots, which WebDataset would read as extension separators. Ids live in meta.json.
 
-Same input gives byte-identical shards: fixed member order, fixed tar header fields (mtime 0,
-uid/gid 0, no user/group names, mode 0644), JPEG at a fixed quality without `optimize`, JSON
-with sorted keys. Each shard is written under a temporary name and renamed when complete, so
-an interrupted run never leaves a half-written shard under a final name.
+Same input gives byte-identical shards: webdataset's `TarWriter` with fixed tar header fields
+(mtime 0, uid/gid 0, no user/group names, mode 0644) and a fixed member order (samples in row
+order, a sample's members sorted by extension), JPEG at a fixed quality without `optimize`,
+JSON with sorted keys. Each shard is written under a temporary name and renamed when complete,
+so an interrupted run never leaves a half-written shard under a final name.
 
 Integrity: readers hash a shard's bytes as they stream them (`DigestReader`) and compare size
 and sha256 with the manifest (geco.data.stream); `geco data verify URL` checks every shard of
@@ -25,6 +26,7 @@ a folder or prefix. Writers take a lease (`ShardLease`: a lock object in the out
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -32,7 +34,6 @@ import logging
 import os
 import re
 import socket
-import tarfile
 import tempfile
 import threading
 import time
@@ -48,6 +49,7 @@ from PIL import Image
 
 from geco.data.images import ON_BAD, ImageFolder, check_choice
 from geco.data.splits import Split
+from geco.data.storage import sha256_file
 from geco.errors import ConfigError, DataError, GecoError
 
 log = logging.getLogger("geco")
@@ -158,12 +160,14 @@ class _Encoder:
 
 
 class _ShardWriter:
-    """Sequential shards `<prefix>-%06d.tar` with deterministic tar headers."""
+    """Sequential shards `<prefix>-%06d.tar` written by webdataset's TarWriter, each under a
+    temporary name until complete; `shards` records every finished one's bytes and sha256."""
 
     def __init__(self, out_dir: Path, prefix: str, per_shard: int):
         self.out_dir, self.prefix, self.per_shard = out_dir, prefix, per_shard
         self.shards: list[dict[str, Any]] = []
-        self._tar: tarfile.TarFile | None = None
+        self._tar: Any = None  # a webdataset TarWriter while a shard is open
+        self._file: Any = None
         self._tmp: Path | None = None
         self._n = 0
 
@@ -171,39 +175,37 @@ class _ShardWriter:
         if self._tar is None:
             self._open()
         assert self._tar is not None
-        for ext, data in members:
-            info = tarfile.TarInfo(f"{key}.{ext}")
-            info.size, info.mtime, info.mode = len(data), 0, 0o644
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            info.type = tarfile.REGTYPE
-            self._tar.addfile(info, io.BytesIO(data))
+        self._tar.write({"__key__": key, **dict(members)})
         self._n += 1
         if self._n >= self.per_shard:
             self._close()
 
     def _open(self) -> None:
+        from webdataset.writer import TarWriter  # imported here: webdataset loads torch
+
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=self.out_dir)
-        os.close(fd)
         self._tmp = Path(tmp)
-        self._tar = tarfile.open(self._tmp, "w", format=tarfile.USTAR_FORMAT)
+        self._file = os.fdopen(fd, "wb")
+        # Deterministic headers: mtime 0, uid/gid 0 with no names, mode 0644; encoder off, so
+        # members are the bytes given. The tar is in tarfile's default pax format (webdataset
+        # 1.0.2 drops its `format` argument), plain ustar headers as long as mtime is an int:
+        # a float one would add a pax record. TarWriter orders a sample's members by extension.
+        self._tar = TarWriter(self._file, user="", group="", mode=0o644, mtime=0,
+                              encoder=False)
         self._n = 0
 
     def _close(self) -> None:
         assert self._tar is not None and self._tmp is not None
-        self._tar.close()
+        self._tar.close()  # end-of-archive marker and padding; our file stays open
+        self._file.close()
         name = f"{self.prefix}-{len(self.shards):06d}.tar"
-        digest = hashlib.sha256()
-        with open(self._tmp, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                digest.update(block)
         os.chmod(self._tmp, 0o644)
+        size, sha = self._tmp.stat().st_size, sha256_file(self._tmp)
         os.replace(self._tmp, self.out_dir / name)
-        self.shards.append({"name": name, "bytes": (self.out_dir / name).stat().st_size,
-                            "sha256": digest.hexdigest(), "n_samples": self._n})
+        self.shards.append({"name": name, "bytes": size, "sha256": sha, "n_samples": self._n})
         log.info("wrote %s (%d samples)", name, self._n)
-        self._tar, self._tmp, self._n = None, None, 0
+        self._tar, self._file, self._tmp, self._n = None, None, None, 0
 
     def finish(self) -> list[dict[str, Any]]:
         if self._tar is not None:
@@ -211,10 +213,16 @@ class _ShardWriter:
         return self.shards
 
     def abort(self) -> None:
+        """Drop an unfinished shard (after an error): only its temporary file existed."""
         if self._tar is not None:
-            self._tar.close()
+            # Closed now, or tarfile's finaliser would later flush into the closed file.
+            with contextlib.suppress(OSError, ValueError):  # e.g. the disk is full
+                self._tar.close()
+        if self._file is not None:
+            self._file.close()
         if self._tmp is not None:
             self._tmp.unlink(missing_ok=True)
+        self._tar, self._file, self._tmp = None, None, None
 
 
 def _bad(on_bad_image: str, exc: DataError, what: str) -> None:

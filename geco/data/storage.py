@@ -9,7 +9,12 @@ standard AWS environment variables and config files (`AWS_ENDPOINT_URL` is honou
 S3 API works: AWS, SeaweedFS, MinIO); addressing is path-style. Every upload stores the
 object's sha256 as user metadata `sha256`, so re-running an upload transfers only objects whose
 content changed: an interrupted upload resumes and nothing is duplicated. Large files go up in
-parts (boto3 TransferConfig, threshold configurable).
+parts (boto3 TransferConfig, threshold configurable); `sync_dir` uploads several objects at once.
+
+Retries follow the standard AWS settings (AWS_MAX_ATTEMPTS / AWS_RETRY_MODE, or max_attempts /
+retry_mode in the AWS config file) as botocore resolves them; only when none is set does geco
+use its own: 5 attempts, standard mode. Timeouts have no standard setting: GECO_S3_CONNECT_TIMEOUT
+(5 s) and GECO_S3_READ_TIMEOUT (60 s).
 
 Every failure is a `StorageError` naming the object URL and a plain reason (bad credentials,
 missing bucket, missing object, unreachable endpoint). A secret never appears in a message.
@@ -21,8 +26,10 @@ missing bucket, missing object, unreachable endpoint). A secret never appears in
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from pathlib import Path
 from typing import IO, Any
 
@@ -31,6 +38,8 @@ from geco.errors import GecoError
 MiB = 1024 * 1024
 DEFAULT_MULTIPART_THRESHOLD = 8 * MiB
 MIN_PART_SIZE = 5 * MiB  # S3's minimum part size (all but the last part)
+SYNC_THREADS = 8  # objects `sync_dir` uploads at once
+_FILE_CONCURRENCY = 4  # parts of one multipart upload in flight at once
 _HASH_BLOCK = 1 * MiB
 _TMP_MARK = ".tmp-"  # local-mode temporary files: ".<name>.tmp-XXXX", never listed
 
@@ -91,23 +100,81 @@ def sha256_file(path: Path) -> str:
 # ----------------------------------------------------------------------------------- S3 client
 
 
+# Retries where no standard AWS setting says otherwise: a busy S3 server (a node restarting
+# while the others upload) needs more than botocore's 3 attempts.
+DEFAULT_MAX_ATTEMPTS = 5  # attempts in all, the first included
+DEFAULT_RETRY_MODE = "standard"
+_BOTOCORE_ATTEMPTS = {"legacy": 5}  # botocore's own defaults when only the mode is set; else 3
+_RETRY_SETTINGS = (("max_attempts", "AWS_MAX_ATTEMPTS"), ("retry_mode", "AWS_RETRY_MODE"))
+_warned_geco_attempts = False
+
+
+def _timeouts() -> tuple[float, float]:
+    """(connect, read) seconds: AWS has no standard variable for these, so geco's own."""
+    return (float(os.environ.get("GECO_S3_CONNECT_TIMEOUT", "5")),
+            float(os.environ.get("GECO_S3_READ_TIMEOUT", "60")))
+
+
+def _warn_retired_setting() -> None:
+    """GECO_S3_MAX_ATTEMPTS once overrode the standard settings: say (once) it is ignored."""
+    global _warned_geco_attempts
+    if "GECO_S3_MAX_ATTEMPTS" in os.environ and not _warned_geco_attempts:
+        _warned_geco_attempts = True
+        logging.getLogger("geco").warning(
+            "GECO_S3_MAX_ATTEMPTS is no longer read: set AWS_MAX_ATTEMPTS (or max_attempts "
+            "in the AWS config file) instead")
+
+
+def _standard_retries(session) -> bool:
+    """Whether AWS_MAX_ATTEMPTS / AWS_RETRY_MODE or the profile's max_attempts / retry_mode
+    (AWS config file) are set: then botocore resolves the retry policy as documented."""
+    _warn_retired_setting()
+    if any(env in os.environ for _, env in _RETRY_SETTINGS):
+        return True
+    from botocore.exceptions import ProfileNotFound
+
+    try:
+        profile = session.get_scoped_config()
+    except ProfileNotFound:
+        return False  # creating the client names the missing profile
+    return any(key in profile for key, _ in _RETRY_SETTINGS)
+
+
+def retry_policy(session=None) -> tuple[int, str]:
+    """(attempts in all, retry mode) of S3 calls: the standard AWS settings resolved as
+    botocore does when any is set, else geco's defaults (5, standard)."""
+    import botocore.session
+
+    session = session or botocore.session.get_session()
+    if not _standard_retries(session):
+        return DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_MODE
+    mode = session.get_config_variable("retry_mode") or "standard"
+    attempts = session.get_config_variable("max_attempts")
+    return int(attempts or _BOTOCORE_ATTEMPTS.get(mode, 3)), mode
+
+
 def s3_client():
     """A boto3 S3 client from the standard AWS env/config (AWS_ENDPOINT_URL honoured).
 
-    Path-style addressing (works with any S3 server on any host name), standard retry mode
-    with a few attempts, bounded connect/read timeouts. Not fork-safe: create one per process.
+    Path-style addressing (works with any S3 server on any host name), bounded connect/read
+    timeouts. Retries: botocore's own resolution of AWS_MAX_ATTEMPTS / AWS_RETRY_MODE and the
+    profile's max_attempts / retry_mode when any is set; otherwise geco's defaults (5
+    attempts, standard mode). Not fork-safe: create one per process.
     """
     import boto3
+    import botocore.session
     from botocore.config import Config
 
-    config = Config(
-        s3={"addressing_style": "path"},
-        retries={"max_attempts": int(os.environ.get("GECO_S3_MAX_ATTEMPTS", "5")), "mode": "standard"},
-        connect_timeout=float(os.environ.get("GECO_S3_CONNECT_TIMEOUT", "5")),
-        read_timeout=float(os.environ.get("GECO_S3_READ_TIMEOUT", "60")),
-        max_pool_connections=16,
-    )
-    return boto3.session.Session().client("s3", config=config)
+    session = botocore.session.get_session()
+    connect, read = _timeouts()
+    options: dict[str, Any] = {
+        "s3": {"addressing_style": "path"}, "connect_timeout": connect, "read_timeout": read,
+        "max_pool_connections": SYNC_THREADS * _FILE_CONCURRENCY,
+    }
+    if not _standard_retries(session):  # an explicit Config would override the standard ones
+        options["retries"] = {"total_max_attempts": DEFAULT_MAX_ATTEMPTS,
+                              "mode": DEFAULT_RETRY_MODE}
+    return boto3.session.Session(botocore_session=session).client("s3", config=Config(**options))
 
 
 def arrow_location(url: str) -> tuple[str, Any]:
@@ -116,9 +183,10 @@ def arrow_location(url: str) -> tuple[str, Any]:
 
     For s3:// an S3FileSystem from the standard AWS environment (endpoint, region, credentials
     file: no key is put in the object, so pickling it to workers carries no secret) with the
-    timeouts of `s3_client`: pyarrow's own defaults (the AWS SDK's 1 s connect, 3 s without a
-    byte) fail checkpoint uploads and restores when the S3 server is busy. Anything else: as
-    given, and None (Ray resolves it).
+    timeouts of `s3_client` and the attempts of `retry_policy` (pyarrow's strategy is always
+    the standard one): pyarrow's own defaults (the AWS SDK's 1 s connect, 3 s without a byte)
+    fail checkpoint uploads and restores when the S3 server is busy. Anything else: as given,
+    and None (Ray resolves it).
     """
     if not is_s3(url):
         return url, None
@@ -127,11 +195,11 @@ def arrow_location(url: str) -> tuple[str, Any]:
     bucket, key = parse_s3_url(url.rstrip("/"))
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    connect, read = _timeouts()
     options: dict[str, Any] = {
-        "connect_timeout": float(os.environ.get("GECO_S3_CONNECT_TIMEOUT", "5")),
-        "request_timeout": float(os.environ.get("GECO_S3_READ_TIMEOUT", "60")),
-        "retry_strategy": fs.AwsStandardS3RetryStrategy(
-            max_attempts=int(os.environ.get("GECO_S3_MAX_ATTEMPTS", "5"))),
+        "connect_timeout": connect,
+        "request_timeout": read,
+        "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=retry_policy()[0]),
     }
     if endpoint:
         options["endpoint_override"] = endpoint
@@ -152,6 +220,8 @@ _ENV_KEYS = (
     "AWS_REGION",
     "AWS_CONFIG_FILE",
     "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_MAX_ATTEMPTS",
+    "AWS_RETRY_MODE",
 )
 
 
@@ -310,15 +380,21 @@ class Storage:
     def _err(self, exc: BaseException, name: str, **kw) -> StorageError:
         return _translate(exc, self.url(name), self.client, **kw)
 
-    def _remote_sha256(self, name: str) -> tuple[str | None, int | None]:
-        """(sha256 metadata, size) of an existing object, or (None, None) if absent."""
+    def _remote_sha256(self, name: str, *, probe_bucket: bool = True
+                       ) -> tuple[str | None, int | None]:
+        """(sha256 metadata, size) of an existing object, or (None, None) if absent.
+
+        A HEAD answers 404 for a missing bucket as for a missing object: probe_bucket tells
+        them apart (one more request); an upload that follows may skip it, since its own
+        answer names a missing bucket."""
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             head = self.client.head_object(Bucket=self.bucket, Key=self._key(name))
         except ClientError as e:
             code = str(e.response.get("Error", {}).get("Code", ""))
-            if code in _MISSING_KEY_CODES and _bucket_exists(self.client, self.bucket) is not False:
+            if code in _MISSING_KEY_CODES and (
+                    not probe_bucket or _bucket_exists(self.client, self.bucket) is not False):
                 return None, None
             raise self._err(e, name) from e
         except BotoCoreError as e:
@@ -364,7 +440,7 @@ class Storage:
             self._atomic_write(dest, copy)
             return True
 
-        remote_sha, remote_size = self._remote_sha256(name)
+        remote_sha, remote_size = self._remote_sha256(name, probe_bucket=False)
         if remote_sha == digest and remote_size == size:
             return False
         from boto3.exceptions import S3UploadFailedError
@@ -374,7 +450,7 @@ class Storage:
         transfer = TransferConfig(
             multipart_threshold=self.multipart_threshold,
             multipart_chunksize=max(self.multipart_threshold, MIN_PART_SIZE),
-            max_concurrency=4,
+            max_concurrency=_FILE_CONCURRENCY,
         )
         try:
             self.client.upload_file(
@@ -525,24 +601,38 @@ class Storage:
             raise _translate(e, url, self.client) from e
         return sorted(out)
 
-    def sync_dir(self, local_dir: Path, *, prefix: str = "") -> dict:
-        """Upload every file under local_dir (as prefix/relative/path), skipping identical ones.
+    def sync_dir(self, local_dir: Path, *, prefix: str = "", threads: int = SYNC_THREADS) -> dict:
+        """Upload every file under local_dir (as prefix/relative/path), skipping identical ones,
+        `threads` objects at a time.
 
-        Returns {"transferred": n, "skipped": m, "bytes": bytes transferred}.
+        Returns {"transferred": n, "skipped": m, "bytes": bytes transferred}. The first upload
+        to fail stops the sync: uploads under way finish, the others never start, and its
+        StorageError (naming the object and the cause) is raised.
         """
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
             raise StorageError(f"cannot sync {local_dir}: not a directory")
+        files = [(path, _join(prefix, path.relative_to(local_dir).as_posix()))
+                 for path in sorted(p for p in local_dir.rglob("*") if p.is_file())
+                 if _TMP_MARK not in path.name]
         stats = {"transferred": 0, "skipped": 0, "bytes": 0}
-        for path in sorted(p for p in local_dir.rglob("*") if p.is_file()):
-            if _TMP_MARK in path.name:
-                continue
-            name = _join(prefix, path.relative_to(local_dir).as_posix())
-            if self.put_file(path, name):
-                stats["transferred"] += 1
-                stats["bytes"] += path.stat().st_size
-            else:
-                stats["skipped"] += 1
+        if not files:
+            return stats
+        if self.is_s3:
+            _ = self.client  # made once here: the upload threads share it (clients are thread-safe)
+        with ThreadPoolExecutor(max_workers=max(1, min(threads, len(files))),
+                                thread_name_prefix="geco-upload") as pool:
+            uploads = {pool.submit(self.put_file, path, name): path for path, name in files}
+            try:
+                for done in as_completed(uploads):
+                    if done.result():
+                        stats["transferred"] += 1
+                        stats["bytes"] += uploads[done].stat().st_size
+                    else:
+                        stats["skipped"] += 1
+            except BaseException:
+                pool.shutdown(wait=True, cancel_futures=True)
+                raise
         return stats
 
 
