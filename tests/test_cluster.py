@@ -108,7 +108,7 @@ class FakeCheckpoint:
 
 
 def test_pack_then_unpack_restores_the_stage_folder(tmp_path):
-    from geco.train.runtime import load_checkpoint, save_checkpoint
+    from geco.train.runtime import save_checkpoint
 
     src = tmp_path / "work" / "geco"
     (src / "samples").mkdir(parents=True)
@@ -124,9 +124,8 @@ def test_pack_then_unpack_restores_the_stage_folder(tmp_path):
     worker.unpack(FakeCheckpoint(ckpt), "geco", restored)
     names = sorted(str(p.relative_to(restored / "geco")) for p in (restored / "geco").rglob("*")
                    if p.is_file())
-    assert names == ["best.pt", "config.yaml", "last.pt", "metrics.jsonl", "samples/epoch_001.png"]
-    best = load_checkpoint(restored / "geco" / "best.pt")  # slim: weights, no optimiser state
-    assert list(best["state"]) == ["model"] and best["epoch"] == 1
+    # No best.pt copy: Ray keeps the best epoch's own checkpoint (worker.SCORE).
+    assert names == ["config.yaml", "last.pt", "metrics.jsonl", "samples/epoch_001.png"]
     with pytest.raises(GecoError, match="holds no cigm/last.pt"):
         worker.unpack(FakeCheckpoint(ckpt), "cigm", tmp_path / "other")
 
@@ -187,3 +186,24 @@ def test_library_imports_neither_ray_nor_mlflow():
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                          text=True, timeout=60)
     assert out.stdout.strip() == "[]", out.stderr
+
+
+def test_ray_ranks_checkpoints_as_the_training_loop_selects_best_pt():
+    """checkpoint_score orders epochs as geco.train.loop._improves picks best.pt: the best
+    value, the earlier epoch on ties, never NaN; "min" metrics negated; no selection: latest."""
+    from geco.train.loop import _improves
+
+    values = [0.5, 0.7, float("nan"), 0.7, 0.6, 0.7]
+    for mode in ("max", "min"):
+        records = [{"epoch": i + 1, "m": v} for i, v in enumerate(values)]
+        best = {"epoch": None, "metric": None, "value": None}
+        for r in records:
+            if _improves(("m", mode), r, best):
+                best = {"epoch": r["epoch"], "metric": "m", "value": r["m"]}
+        # Ray keeps the highest score, the later on ties: as in its checkpoint manager.
+        ranked = sorted(records, key=lambda r: (worker.checkpoint_score(("m", mode), r),
+                                                r["epoch"]))
+        assert ranked[-1]["epoch"] == best["epoch"], mode
+    latest = max(({"epoch": e} for e in (1, 2, 3)),
+                 key=lambda r: worker.checkpoint_score(None, r))
+    assert latest["epoch"] == 3

@@ -51,9 +51,11 @@ def _cigm_in_s3(s3_env, data: Path, args: list[str], tmp_path: Path, prefix: str
 def _snapshot(run: Storage) -> list[dict]:
     """The checkpoints Ray Train has registered for a run (oldest first), [] before any."""
     try:
-        return json.loads(run.get_bytes("checkpoint_manager_snapshot.json"))["checkpoint_results"]
+        results = json.loads(run.get_bytes("checkpoint_manager_snapshot.json"))
     except Exception:  # noqa: BLE001 - not written yet
         return []
+    # Ray lists them by checkpoint_score (worst first); by epoch here.
+    return sorted(results["checkpoint_results"], key=lambda r: r["metrics"]["epoch"])
 
 
 def _job_failed(proc) -> str:
@@ -83,6 +85,11 @@ def test_ray_job_trains_both_stages_from_s3_to_the_learning_bar(ray_cluster, s3_
     assert m["mrr_full"] >= 2.5 * m["random_mrr_full"], m
     assert m["n_queries"] == 120 and m["reported_epochs"] == [1, 2, 3, 4, 5]
     assert m["geco_checkpoint"].startswith(storage) and m["cigm"].startswith(storage)
+    # The evaluated epoch is Ray's best checkpoint by checkpoint_score: the epoch `geco train`
+    # selects (best valid AUC-1vs3, the earlier on ties), not the latest.
+    reports = [r["metrics"] for r in _snapshot(Storage(f"{storage}/learn-geco"))]
+    chosen = max(reports, key=lambda r: (r["valid_auc_1vs3"], -r["epoch"]))
+    assert m["epoch"] == chosen["epoch"], ([(r["epoch"], r["valid_auc_1vs3"]) for r in reports])
 
     # Every epoch of both stages: both ranks' parameter digests, gathered after the epoch's
     # last optimiser step, are identical (DDP kept the replicas in sync), and each rank names
@@ -91,9 +98,7 @@ def test_ray_job_trains_both_stages_from_s3_to_the_learning_bar(ray_cluster, s3_
     nodes = ray_cluster.nodes()
     assert nodes[m["eval_node"]]["name"] != "head", (m["eval_node"], nodes)
     for stage, epochs in (("cigm", 3), ("geco", 5)):
-        snap = json.loads(Storage(f"{storage}/learn-{stage}")
-                          .get_bytes("checkpoint_manager_snapshot.json"))
-        results = [r["metrics"] for r in snap["checkpoint_results"]]
+        results = [r["metrics"] for r in _snapshot(Storage(f"{storage}/learn-{stage}"))]
         assert [r["epoch"] for r in results] == list(range(1, epochs + 1))
         for r in results:
             digests = r["param_digests"].split(",")

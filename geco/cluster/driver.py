@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from geco.cluster.worker import (
+    SCORE,
     baseline_task,
     checkpoint_source,
     checkpoint_uri,
@@ -67,7 +68,9 @@ class ClusterConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0  # with use_gpu
-    num_to_keep: int = 3  # latest checkpoints kept per stage (each holds best.pt too); 0 = all
+    # Checkpoints kept per stage: the best by the stage's selection metric, and always the
+    # latest (resuming needs it); 0 = all.
+    num_to_keep: int = 3
     max_failures: int = 2  # worker-group restarts from the last checkpoint; -1 = unlimited
     eval_cpus: float = 1.0  # the test-split evaluation task
     eval_gpus: float = 0.0
@@ -282,7 +285,7 @@ def _cigm(cfg: Config, cigm: str, parent: Tracker, lineage: dict[str, str],
     with child:
         result = run_stage(cfg, "cigm", mlflow_run_id=child.run_id)
         audit.stage("cigm", stage_reports(result))
-        source = result.checkpoint
+        source = best_checkpoint(result)  # the epoch with the best templates
         child.set_tags({"geco.checkpoint": checkpoint_uri(source)})
     return source, child.run_id
 
@@ -382,7 +385,9 @@ def run_stage(cfg: Config, stage: str, *, cigm: Any = None, mlflow_run_id: str |
             elastic_resize_monitor_interval_s=c.resize_interval_s),
         run_config=RunConfig(
             name=run_name(cfg, stage), **ray_storage(c.storage_path),
-            checkpoint_config=CheckpointConfig(num_to_keep=c.num_to_keep or None),
+            checkpoint_config=CheckpointConfig(num_to_keep=c.num_to_keep or None,
+                                               checkpoint_score_attribute=SCORE,
+                                               checkpoint_score_order="max"),
             failure_config=FailureConfig(max_failures=c.max_failures),
         ),
     )
@@ -399,10 +404,16 @@ def run_stage(cfg: Config, stage: str, *, cigm: Any = None, mlflow_run_id: str |
     return result
 
 
+def best_checkpoint(result):
+    """The checkpoint of a run's best epoch (the one `geco train` selects as best.pt), as Ray
+    Train ranked them by SCORE; the latest for runs reported without a score."""
+    return result.get_best_checkpoint(SCORE, "max") or result.checkpoint
+
+
 def stage_reports(result) -> list[dict[str, Any]]:
     """The metrics of every report Ray Train still holds for a run (the kept checkpoints'
     and the latest), oldest first."""
-    reports = [m for _, m in (result.best_checkpoints or [])]
+    reports = sorted((m for _, m in (result.best_checkpoints or [])), key=lambda m: m["epoch"])
     return [*reports, result.metrics] if result.metrics else reports
 
 
@@ -517,14 +528,16 @@ def train_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
         with run:
             geco_result = run_stage(cfg, "geco", cigm=cigm_source, mlflow_run_id=run.run_id)
             audit.stage("geco", stage_reports(geco_result))
-            run.set_tags({"geco.checkpoint": checkpoint_uri(geco_result.checkpoint)})
-            metrics, model = _evaluate(cfg, geco_result.checkpoint, cigm_source, cfg.to_dict(),
+            best = best_checkpoint(geco_result)
+            run.set_tags({"geco.checkpoint": checkpoint_uri(best)})
+            metrics, model = _evaluate(cfg, best, cigm_source, cfg.to_dict(),
                                        split, run.run_id)
             test = {f"{split}_{k}": v for k, v in numeric(metrics).items()}
             run.log_metrics(test)
             parent.log_metrics(test)
         result = {**metrics, "run": geco_name, "cigm": cigm_uri,
-                  "geco_checkpoint": checkpoint_uri(geco_result.checkpoint),
+                  "geco_checkpoint": checkpoint_uri(best),
+                  "latest_checkpoint": checkpoint_uri(geco_result.checkpoint),
                   "reported_epochs": reported_epochs(geco_result),
                   "mlflow_run_id": run.run_id, "model": model,
                   "pipeline_seconds": time.perf_counter() - t0}
@@ -599,11 +612,13 @@ def run_sweep(cfg: Config, cigm: Any, *, parent_run_id: str | None = None):
             num_samples=t.num_samples,
             search_alg=BasicVariantGenerator(random_state=t.seed,
                                              max_concurrent=t.max_concurrent)),
-        # One checkpoint per trial: it carries best.pt (the trial's best epoch so far).
-        # A trial whose node is lost is retried from its checkpoint (cluster.max_failures).
+        # Per trial, its best epoch's checkpoint (SCORE) and the latest: a trial whose node is
+        # lost is retried from the latest (cluster.max_failures).
         run_config=tune.RunConfig(name=f"{cfg.cluster.name}-sweep",
                                   **ray_storage(cfg.cluster.storage_path),
-                                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                                  checkpoint_config=tune.CheckpointConfig(
+                                      num_to_keep=1, checkpoint_score_attribute=SCORE,
+                                      checkpoint_score_order="max"),
                                   failure_config=tune.FailureConfig(
                                       max_failures=cfg.cluster.max_failures)),
     )
@@ -673,7 +688,8 @@ def sweep_pipeline(cfg: Config, *, cigm: str = "", split: str = "test") -> dict[
                  row[metric], int(row["epoch"]))
         best_cfg = trial_config(cfg.to_dict(), params)
         trial_run = str(row.get("mlflow_run_id") or "") or None
-        metrics, model = _evaluate(cfg, best.checkpoint, cigm_source, best_cfg.to_dict(), split,
+        metrics, model = _evaluate(cfg, best_checkpoint(best), cigm_source, best_cfg.to_dict(),
+                                   split,
                                    trial_run)
         test = {f"{split}_{k}": v for k, v in numeric(metrics).items()}
         parent.log_metrics({**test, f"best_{metric}": float(row[metric])})

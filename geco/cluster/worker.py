@@ -2,12 +2,14 @@
 Tune trial), the evaluation + registration task, and the compare task of one baseline, plus
 the Ray checkpoint format they share.
 
-A Ray checkpoint of a stage is its run-dir folder: last.pt (resumable), best.pt (weights
-only), metrics.jsonl, config.yaml and the template grids. A worker trains in a scratch run
-dir with the same loop as `geco train` (geco.train.loop); after every epoch rank 0 packs the
-folder into a checkpoint and every rank reports the epoch's metrics, the parameter digests of
-all ranks included (so "the ranks hold identical weights" is checked every epoch, not
-assumed). On a restart (a worker died, the run name was submitted again, a trial was retried)
+A Ray checkpoint of a stage is its run-dir folder: last.pt (resumable: the epoch's weights
+and optimiser state), metrics.jsonl, config.yaml and the template grids. A worker trains in a
+scratch run dir with the same loop as `geco train` (geco.train.loop); after every epoch rank 0
+packs the folder into a checkpoint and every rank reports the epoch's metrics, the parameter
+digests of all ranks included (so "the ranks hold identical weights" is checked every epoch,
+not assumed), and `checkpoint_score`: Ray Train's CheckpointConfig keeps the best checkpoints
+by it, plus the latest, and `Result.get_best_checkpoint` is the epoch `geco train` would
+select (best.pt). On a restart (a worker died, the run name was submitted again, a trial was retried)
 the worker unpacks the checkpoint it is given and the loop resumes after its epoch, so no
 epoch is trained or reported twice.
 
@@ -32,7 +34,9 @@ if TYPE_CHECKING:  # geco.config composes the cluster sections: imported lazily 
 
 log = logging.getLogger("geco")
 
-PACKED = ("last.pt", "best.pt", "metrics.jsonl", "config.yaml")
+PACKED = ("last.pt", "metrics.jsonl", "config.yaml")
+# The report metric Ray Train ranks checkpoints by (CheckpointConfig, mode "max").
+SCORE = "checkpoint_score"
 
 
 # --- the checkpoint format --------------------------------------------------------------------
@@ -50,15 +54,12 @@ def checkpoint_source(source: Any) -> str:
 
 
 def pack(src: Path, dest: Path) -> None:
-    """The stage folder as a checkpoint: last.pt whole (resuming needs the optimiser state),
-    best.pt without it (only evaluation and registration read it): ~1/3 less to upload."""
-    from geco.train.runtime import save_slim
-
+    """The stage folder as a checkpoint: last.pt (resuming needs the optimiser state), the
+    history, config and grids. No best.pt copy: the best epoch is a checkpoint of its own,
+    kept by Ray (SCORE)."""
     dest.mkdir(parents=True)
     for name in PACKED:
-        if name == "best.pt" and (src / name).is_file():
-            save_slim(src / name, dest / name)
-        elif (src / name).is_file():
+        if (src / name).is_file():
             shutil.copy2(src / name, dest / name)
     if (src / "samples").is_dir():
         shutil.copytree(src / "samples", dest / "samples")
@@ -118,6 +119,23 @@ def fetch_generator(source: Any, work: Path) -> Path:
     if not path.is_file():
         raise GecoError(f"no cigm/last.pt under {source}")
     return path
+
+
+def checkpoint_score(selection: tuple[str, str] | None, record: dict[str, Any]) -> float:
+    """The epoch's rank for Ray's CheckpointConfig (higher = better), ordered as
+    geco.train.loop selects best.pt: the selection metric (negated for "min"), less 1e-9 per
+    epoch so that a tie keeps the earlier epoch (Ray keeps the later); no selection (CIGM's
+    "last", the baselines): the latest epoch; a missing or NaN value: never the best."""
+    import math
+
+    epoch = int(record["epoch"])
+    if selection is None:
+        return float(epoch)
+    metric, mode = selection
+    value = record.get(metric)
+    if not isinstance(value, int | float) or not math.isfinite(value):
+        return float("-inf")
+    return (value if mode == "max" else -value) - 1e-9 * epoch
 
 
 def param_digest(modules) -> str:
@@ -224,6 +242,7 @@ def run_worker(job: dict[str, Any], *, rank: int, restored: Any,
             digests = [digest for digest, _ in ranks]
             # Where each rank ran (rank order): placement is visible in every report.
             metrics = {**numeric(record), **job.get("extra", {}), "stage": name,
+                       SCORE: checkpoint_score(stage.selection(), record),
                        "rank_batch": getattr(cfg, name).batch_size,
                        "param_digests": ",".join(digests),
                        "ranks_in_sync": int(len(set(digests)) == 1),
@@ -375,7 +394,7 @@ def finalize(geco_checkpoint: Any, cigm_source: Any, config: dict[str, Any], spl
     work = Path(tempfile.mkdtemp(prefix="geco-final-"))
     try:
         unpack(geco_checkpoint, "geco", work)
-        best = work / "geco" / "best.pt"
+        best = work / "geco" / "best.pt"  # checkpoints written before Ray chose the best
         path = best if best.is_file() else work / "geco" / "last.pt"
         generator = fetch_generator(cigm_source, work)
         data = open_data(cfg.data)
