@@ -44,8 +44,8 @@ class EvalConfig:
     ties: TieRule = "expected"
     # Share of a split's rows that must be scored for its metrics to be reported (test
     # and valid in `geco evaluate`, `geco compare`, the Ray evaluation task). Rows are lost
-    # when data.on_bad_image=skip skips unreadable samples or absent candidates; metrics over
-    # a sliver of a split are not the split's.
+    # when data.on_missing_image=skip or on_bad_image=skip drop rows, unreadable samples or
+    # candidates; metrics over a sliver of a split are not the split's.
     min_coverage: float = 1.0
 
     def validate(self, key: str) -> None:
