@@ -476,15 +476,17 @@ class Tracker:
         server itself), and that failure, not this one, is the error to report."""
         if not self.enabled:
             return
-        try:
-            self.flush()
-            if self._owned:
-                self._call(f"ending the run as {status}", self._client.set_terminated,
-                           self.run_id, status)
-        except TrackingError as e:
-            if status == "FINISHED":
-                raise
-            log.warning("%s", e)
+        steps = [self.flush]  # queued step metrics first; the run is ended even if they fail
+        if self._owned:
+            steps.append(lambda: self._call(f"ending the run as {status}",
+                                            self._client.set_terminated, self.run_id, status))
+        for step in steps:
+            try:
+                step()
+            except TrackingError as e:
+                if status == "FINISHED":
+                    raise
+                log.warning("%s", e)
         self._ended = True
 
     def __enter__(self) -> Tracker:

@@ -156,8 +156,11 @@ def log_epoch(tracker: Tracker | None, metrics: dict[str, Any], last_path: Path)
     if tracker is None:
         return
     epoch = int(metrics["epoch"])
-    tracker.flush()  # the epoch's step metrics, queued asynchronously
     tracker.log_metrics(metrics, step=epoch, what=f"logging epoch {epoch}")
+    # Then wait for the epoch's step metrics, queued asynchronously: a server gone is named by
+    # the synchronous call above, whose error carries the network cause (an asynchronous
+    # failure comes back as text).
+    tracker.flush()
     grid = last_path.parent / "samples" / f"epoch_{epoch:03d}.png"
     if grid.is_file():  # an image with a step: the run page slides through the epochs
         tracker.log_image(grid, "templates", epoch,
