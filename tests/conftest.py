@@ -114,6 +114,17 @@ def retriever_files(synth_small, tiny, tmp_path_factory) -> tuple[dict[str, Path
     return files, summary
 
 
+def write_folder_shards(root: Path, out: Path, spec, source: str) -> Path:
+    """Every split of the dataset folder `root` written as shards into `out` with `spec`."""
+    from geco.data.images import ImageFolder
+    from geco.data.shards import write_shards
+    from geco.data.splits import load_splits, resolve_layout
+
+    layout = resolve_layout(root)
+    write_shards(load_splits(layout), ImageFolder(layout.img_dir), out, spec, source=source)
+    return out
+
+
 def register_retriever(store: Path, files: dict[str, Path], name: str, **kw):
     """Version 1 of `name` from `files` (retriever_files) in a new SQLite store under `store`
     (artifacts there too): (tracking URI, MlflowClient, run id, log_retriever's result)."""

@@ -13,11 +13,11 @@ import pytest
 from geco.cli import main
 from geco.compare import run_compare
 from geco.config import load_config
-from geco.data.images import ImageFolder
-from geco.data.shards import ShardSpec, write_shards
+from geco.data.shards import ShardSpec
 from geco.data.source import open_data
 from geco.data.splits import load_splits, resolve_layout
 from geco.errors import DataError
+from tests.conftest import write_folder_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ShardSpec(image_size=32, jpeg_quality=90, samples_per_shard=60, catalogue_per_shard=70)
@@ -25,10 +25,7 @@ SPEC = ShardSpec(image_size=32, jpeg_quality=90, samples_per_shard=60, catalogue
 
 @pytest.fixture(scope="module")
 def shards(synth_small, tmp_path_factory) -> Path:
-    layout = resolve_layout(synth_small)
-    out = tmp_path_factory.mktemp("compare-shards")
-    write_shards(load_splits(layout), ImageFolder(layout.img_dir), out, SPEC, source="small")
-    return out
+    return write_folder_shards(synth_small, tmp_path_factory.mktemp("compare-shards"), SPEC, "small")
 
 
 def test_shards_read_back_as_the_folder_splits(synth_small, shards):

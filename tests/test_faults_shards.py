@@ -18,13 +18,12 @@ from torch.utils.data import DataLoader
 from geco.cli import main
 from geco.config import load_config
 from geco.data import shards
-from geco.data.images import ImageFolder
-from geco.data.shards import LOCK, ShardLease, ShardSpec, verify_shards, write_shards
-from geco.data.splits import load_splits, resolve_layout
+from geco.data.shards import LOCK, ShardLease, ShardSpec, verify_shards
 from geco.data.storage import Storage, StorageError
 from geco.data.stream import ShardStream, decode_jpeg
 from geco.data.transforms import imagenet_transform
 from geco.errors import DataError
+from tests.conftest import write_folder_shards
 
 SPEC = ShardSpec(image_size=64, samples_per_shard=37, catalogue_per_shard=30)
 TF = imagenet_transform(64)
@@ -32,10 +31,7 @@ TF = imagenet_transform(64)
 
 @pytest.fixture(scope="module")
 def written(synth_small, tmp_path_factory) -> Path:
-    layout = resolve_layout(synth_small)
-    out = tmp_path_factory.mktemp("fault-shards")
-    write_shards(load_splits(layout), ImageFolder(layout.img_dir), out, SPEC, source="synth")
-    return out
+    return write_folder_shards(synth_small, tmp_path_factory.mktemp("fault-shards"), SPEC, "synth")
 
 
 def _copy(root: Path, dest: Path) -> Path:

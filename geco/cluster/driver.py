@@ -241,7 +241,6 @@ DATASET_SPLITS = {
     "cigm": (("train", "training"), ("valid", "validation")),
     "geco": (("train", "training"), ("valid", "validation"), ("test", "evaluation")),
     "sweep": (("train", "training"), ("valid", "validation"), ("test", "evaluation")),
-    "compare": (("train", "training"), ("test", "evaluation")),
 }
 
 
